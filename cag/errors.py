@@ -1,0 +1,64 @@
+"""Exceptions raised by cag. Each message says what went wrong and how to fix it.
+
+The library raises these; only the CLI turns them into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CagError",
+    "DocumentError",
+    "ModelError",
+    "ContextTooLongError",
+    "PromptError",
+    "CacheNotFoundError",
+    "CacheMismatchError",
+    "CorruptCacheError",
+    "StoreError",
+    "InvalidNameError",
+    "DatasetError",
+]
+
+
+class CagError(Exception):
+    """Base class of every error cag raises on purpose."""
+
+
+class DocumentError(CagError):
+    """A document is missing, empty, unreadable or of an unsupported type."""
+
+
+class ModelError(CagError):
+    """The model or its tokenizer cannot be loaded or used."""
+
+
+class PromptError(CagError):
+    """The prompt cannot be built (for example, a chat template that cannot be split)."""
+
+
+class ContextTooLongError(CagError):
+    """The documents do not fit into the model's context window."""
+
+
+class CacheNotFoundError(CagError):
+    """No cache is stored under that name or key."""
+
+
+class CacheMismatchError(CagError):
+    """A cache was built by another model, tokenizer or KV dtype than the one in use."""
+
+
+class CorruptCacheError(CagError):
+    """A cache file is truncated, malformed or fails its checksum."""
+
+
+class StoreError(CagError):
+    """The cache store cannot be read or written."""
+
+
+class InvalidNameError(StoreError):
+    """A cache name that could escape the store or is otherwise unusable."""
+
+
+class DatasetError(CagError):
+    """An evaluation dataset is missing, unreadable or lacks a required field."""

