@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(CAG) build cag/data/handbook --name handbook
-	$(CAG) ask --cache handbook --questions cag/data/handbook/questions.txt --max-new-tokens 48
+	$(CAG) ask --cache handbook --questions cag/data/handbook-questions.txt --max-new-tokens 48
 
 test: install
 	$(PY) -m pytest -q

@@ -7,7 +7,9 @@ since de-quantizing the GGUF takes ~30 s and loading the folder takes well under
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import importlib.util
 import json
 import logging
@@ -89,7 +91,8 @@ def _convert_embedded(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        with _quiet_transformers():
+        # The GGUF reader draws tqdm bars straight to stderr; the library prints nothing.
+        with _quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # The weights are de-quantized to fp32 on load; what remains is a marker that
@@ -97,8 +100,9 @@ def _convert_embedded(target: Path) -> None:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with contextlib.redirect_stderr(io.StringIO()):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         _write_fingerprint(tmp, _weights_hash_of_folder(tmp))
         try:
             os.replace(tmp, target)

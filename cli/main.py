@@ -1,0 +1,224 @@
+"""``cag``: build a knowledge cache once, answer many questions from it, manage the store."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from . import ui
+
+app = typer.Typer(
+    name="cag",
+    help=(
+        "Cache-Augmented Generation: prefill documents once into a KV cache stored as safetensors, "
+        "then answer many questions against the restored cache. Caches live in $CAG_HOME/store "
+        "(default ~/.cache/cag/store)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model: 'smollm2' (embedded default), a local folder or a Hugging Face id.")
+HomeOpt = typer.Option(None, "--home", help="Cache home (default $CAG_HOME or ~/.cache/cag).", envvar="CAG_HOME")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output: one JSON object per line on stdout.")
+
+
+def _store(home: Optional[Path]):
+    from cag.knowledge import open_store
+
+    return open_store(home)
+
+
+@app.command()
+def build(
+    inputs: List[str] = typer.Argument(..., help="Documents: files, folders (recursive), globs, or - for stdin."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Name of the cache (a label on its content key)."),
+    model: Optional[str] = ModelOpt,
+    chunk_size: int = typer.Option(512, "--chunk-size", min=16, help="Tokens per prefill step."),
+    json_out: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Prefill documents once and store their KV cache; reuses the longest prefix already stored."""
+    import cag
+
+    with ui.one_line_errors():
+        with ui.status("Loading model (the first run converts the embedded model, ~30 s)…", quiet=json_out):
+            lm = cag.load_model(model, home=home)
+        with ui.token_progress("Prefill", quiet=json_out) as progress:
+            kb = cag.build(inputs, name=name, model=lm, home=home, chunk_size=chunk_size, on_progress=progress)
+    r = kb.report
+    if json_out:
+        ui.print_json({"name": r.name, "key": r.key, "tokens": r.tokens, "bytes": r.bytes, "seconds": round(r.seconds, 3),
+                       "reused_tokens": r.reused_tokens, "prefilled_tokens": r.prefilled_tokens, "sources": r.sources})
+        return
+    label = r.name or r.key[:12]
+    ui.out.print(
+        f"[bold green]built[/] {label}: {r.tokens:,} tokens from {len(r.sources)} document(s), "
+        f"{ui.human_size(r.bytes)} on disk, {r.seconds:.1f} s "
+        f"(reused {r.reused_tokens:,}, prefilled {r.prefilled_tokens:,}); key {r.key[:12]}"
+    )
+    ui.out.print(f"ask it:  cag ask --cache {label} \"your question\"")
+
+
+def _read_questions(questions: List[str], questions_file: Optional[Path]) -> List[str]:
+    found = list(questions)
+    if questions_file is not None:
+        try:
+            text = sys.stdin.read() if str(questions_file) == "-" else questions_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            ui.fail(f"cannot read questions file {questions_file}: {exc.strerror or exc}")
+        found += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not found:
+        ui.fail("no question given: pass questions as arguments or --questions FILE")
+    return found
+
+
+@app.command()
+def ask(
+    questions: List[str] = typer.Argument(None, help="Questions to answer."),
+    cache: str = typer.Option(..., "--cache", "-c", help="Name (or key) of a cache made by `cag build`."),
+    questions_file: Optional[Path] = typer.Option(None, "--questions", "-q", help="File with one question per line (- for stdin)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to use (default: the one that built the cache)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy (reproducible); above 0 samples."),
+    seed: int = typer.Option(0, "--seed", help="Random seed when sampling."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Baseline: re-prefill the whole prompt for every question."),
+    json_out: bool = JsonOpt,
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Answer questions against a stored cache, streaming each answer."""
+    import cag
+
+    todo = _read_questions(questions or [], questions_file)
+    with ui.one_line_errors():
+        with ui.status("Loading model…", quiet=json_out):
+            kb = cag.load(cache, model=model, home=home)
+        for question in todo:
+            if not json_out:
+                ui.out.print(f"[bold cyan]Q:[/] {question}")
+                ui.out.print("[bold green]A:[/] ", end="")
+            stream = None if json_out else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+            answer = kb.ask(question, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            use_cache=not no_cache, on_text=stream)
+            if json_out:
+                row = {"cache": cache, "mode": "no-cache" if no_cache else "cache", **answer.to_dict()}
+                ui.print_json({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+            else:
+                ui.out.print()
+                ui.out.print(
+                    f"[dim]{answer.new_tokens} tokens · first token {answer.ttft_s:.2f} s · total {answer.total_s:.2f} s · "
+                    f"reused {answer.reused_tokens:,} / prefilled {answer.prefilled_tokens:,} prompt tokens[/]\n"
+                )
+
+
+@app.command("ls")
+def list_caches(json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """List stored caches: name, key, model, tokens, size, created, last used, hits."""
+    with ui.one_line_errors():
+        entries = _store(home).entries()
+    if json_out:
+        for e in entries:
+            ui.print_json(_entry_dict(e))
+        return
+    if not entries:
+        ui.out.print("no caches yet: build one with `cag build DOCS --name NAME`")
+        return
+    table = Table("name", "key", "model", "tokens", "size", "created", "last used", "hits")
+    for e in entries:
+        table.add_row(", ".join(e.names) or "–", e.key[:12], Path(e.model_name).name, f"{e.tokens:,}",
+                      ui.human_size(e.bytes), _when(e.created), _when(e.last_used), str(e.hits))
+    ui.out.print(table)
+
+
+@app.command()
+def info(cache: str = typer.Argument(..., help="Name or key of a cache."), json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Show a cache's metadata, sources, blocks and fingerprint."""
+    with ui.one_line_errors():
+        entry = _store(home).resolve(cache)
+    data = _entry_dict(entry)
+    if json_out:
+        ui.print_json(data)
+        return
+    for key, value in data.items():
+        if key == "sources":
+            ui.out.print(f"[bold]{key}[/]:")
+            for source in value:
+                ui.out.print(f"  - {source}")
+        else:
+            ui.out.print(f"[bold]{key}[/]: {value}")
+
+
+@app.command()
+def rm(caches: List[str] = typer.Argument(..., help="Names or keys to remove."), home: Optional[Path] = HomeOpt) -> None:
+    """Remove caches by name (the entry goes once no name points to it) or by key."""
+    with ui.one_line_errors():
+        store = _store(home)
+        for cache in caches:
+            removed = store.remove(cache)
+            freed = sum(e.bytes for e in removed)
+            ui.out.print(f"removed {cache}" + (f" ({ui.human_size(freed)} freed)" if removed else " (entry kept: other names point to it)"))
+
+
+@app.command()
+def gc(
+    max_size: str = typer.Option(..., "--max-size", help="Keep the store at most this big, e.g. 2GB; least recently used go first."),
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Remove least-recently-used caches until the store fits in --max-size."""
+    limit = ui.parse_size(max_size)
+    with ui.one_line_errors():
+        removed = _store(home).gc(limit)
+    for e in removed:
+        ui.out.print(f"removed {', '.join(e.names) or e.key[:12]} ({ui.human_size(e.bytes)}, last used {_when(e.last_used)})")
+    ui.out.print(f"{len(removed)} cache(s) removed, {ui.human_size(sum(e.bytes for e in removed))} freed")
+
+
+@app.command()
+def verify(json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Re-hash every cache against the checksum recorded when it was written; quarantine failures."""
+    with ui.one_line_errors():
+        report = _store(home).verify()
+    if json_out:
+        ui.print_json({"ok": report.ok, "quarantined": [{"item": k, "reason": r} for k, r in report.quarantined],
+                       "removed_rows": report.removed_rows})
+    else:
+        ui.out.print(f"{len(report.ok)} ok")
+        for item, reason in report.quarantined:
+            ui.out.print(f"[red]quarantined[/] {item}: {reason}")
+        for key in report.removed_rows:
+            ui.out.print(f"[yellow]dropped[/] index entry {key[:12]}: its file was missing")
+    if report.quarantined or report.removed_rows:
+        raise typer.Exit(1)
+
+
+def _entry_dict(e) -> dict:
+    return {"names": list(e.names), "key": e.key, "model": e.model_name, "fingerprint": e.fingerprint,
+            "kv_dtype": e.kv_dtype, "tokens": e.tokens, "boundary": e.boundary, "blocks": e.blocks, "bytes": e.bytes,
+            "created": _iso(e.created), "last_used": _iso(e.last_used), "hits": e.hits, "sources": list(e.sources)}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts).isoformat(timespec="seconds")
+
+
+def _when(ts: float) -> str:
+    ago = time.time() - ts
+    for unit, seconds in (("d", 86400), ("h", 3600), ("min", 60)):
+        if ago >= seconds:
+            return f"{ago / seconds:.0f} {unit} ago"
+    return "just now"
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
