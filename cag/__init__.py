@@ -23,6 +23,7 @@ from .errors import (
 )
 from .knowledge import Answer, BuildReport, KnowledgeBase, build, load
 from .model import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+from .prompt_cache import CachedGeneration, PromptCache
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,8 @@ __all__ = [
     "KnowledgeBase",
     "Answer",
     "BuildReport",
+    "PromptCache",
+    "CachedGeneration",
     "load_model",
     "wrap_model",
     "LoadedModel",

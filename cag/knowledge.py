@@ -96,6 +96,7 @@ class KnowledgeBase:
         self._context_ids = context_ids
         self.restore_s = 0.0
         self.bytes_read = 0
+        self._unbilled_restore_s = 0.0
 
     @property
     def name(self) -> str | None:
@@ -117,10 +118,20 @@ class KnowledgeBase:
     def cache(self) -> DynamicCache:
         """The context cache in memory, restored from the store on first use."""
         if self._cache is None:
+            self.restore()
+        return self._cache
+
+    def restore(self) -> float:
+        """Load the context cache from the store now (otherwise the first question does); returns seconds.
+
+        The restore time is added to the next cached answer's time to first token.
+        """
+        if self._cache is None:
             restored = self.store.restore(self.entry, self.boundary, device=self.lm.device, dtype=self.lm.dtype)
             self._cache, self._context_ids = restored.cache, restored.token_ids
             self.restore_s, self.bytes_read = restored.seconds, restored.bytes_read
-        return self._cache
+            self._unbilled_restore_s = restored.seconds
+        return self.restore_s
 
     @property
     def context_ids(self) -> list[int]:
@@ -149,10 +160,9 @@ class KnowledgeBase:
                 f"window of {self.lm.max_context:,} tokens: ask a shorter question"
             )
         if use_cache:
-            restored_now = self._cache is None
             cache = self.cache
             reused = self.boundary
-            offset = self.restore_s if restored_now else 0.0
+            offset, self._unbilled_restore_s = self._unbilled_restore_s, 0.0
         else:
             cache = prefill(self.lm, self.context_ids).cache
             reused, offset = 0, 0.0

@@ -100,6 +100,8 @@ def ask(
     with ui.one_line_errors():
         with ui.status("Loading model…", quiet=json_out):
             kb = cag.load(cache, model=model, home=home)
+            if not no_cache:
+                kb.restore()  # refused here, before any output, if the cache is damaged
         for question in todo:
             if not json_out:
                 ui.out.print(f"[bold cyan]Q:[/] {question}")
@@ -214,6 +216,9 @@ def _when(ts: float) -> str:
         if ago >= seconds:
             return f"{ago / seconds:.0f} {unit} ago"
     return "just now"
+
+
+# Commands defined in their own modules (one line each).
 
 
 def main() -> None:

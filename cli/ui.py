@@ -16,7 +16,7 @@ from rich.text import Text
 from cag.errors import CagError
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class TokensPerSecond(ProgressColumn):
@@ -40,13 +40,21 @@ def token_progress(description: str, quiet: bool = False) -> Iterator[Callable[[
         console=err,
         transient=False,
     )
-    with progress:
-        task = progress.add_task(description, total=None)
+    task = None
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        # Started on the first report, so input errors found before any prefill print alone.
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(description, total=total, completed=done)
+        progress.update(task, completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if task is not None:
+            progress.stop()
 
 
 @contextlib.contextmanager

@@ -273,7 +273,8 @@ class LocalStore:
         except CorruptCacheError as exc:
             self._quarantine(entry.key, path)
             raise CorruptCacheError(
-                f"cache {label!r} is corrupt ({exc}); moved it to {self.quarantine_dir}: rebuild it with `cag build`"
+                f"cache {label!r} is corrupt ({str(exc).removeprefix(f'{path}: ')}); "
+                f"moved it to {self.quarantine_dir}: rebuild it with `cag build`"
             ) from exc
 
     def _drop(self, key: str) -> None:

@@ -93,3 +93,26 @@ def docs(tmp_path) -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def save_tiny_model(folder: Path, seed: int = 0, **kwargs) -> Path:
+    """A tiny model saved as a model folder, for tests that go through `--model PATH`."""
+    lm = make_tiny_model(seed=seed, **kwargs)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def real_home(tmp_path_factory) -> Path:
+    """A cache home holding the embedded default model, converted once per test session."""
+    from cag.model import load_model
+
+    path = tmp_path_factory.mktemp("real-home")
+    load_model(home=path)  # converts the embedded GGUF into path/models
+    return path
