@@ -219,6 +219,7 @@ def _when(ts: float) -> str:
 
 
 # Commands defined in their own modules (one line each).
+from .prompt import prompt_command; app.command("prompt")(prompt_command)  # noqa: E402,E702
 
 
 def main() -> None:
