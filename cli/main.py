@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from . import ui
@@ -132,9 +133,14 @@ def list_caches(json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> Non
     if not entries:
         ui.out.print("no caches yet: build one with `cag build DOCS --name NAME`")
         return
-    table = Table("name", "key", "model", "tokens", "size", "created", "last used", "hits")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("name", no_wrap=True)
+    table.add_column("key", no_wrap=True)
+    table.add_column("model", overflow="ellipsis", no_wrap=True, max_width=16)
+    for column in ("tokens", "size", "created", "last used", "hits"):
+        table.add_column(column, no_wrap=True, justify="right" if column in ("tokens", "size", "hits") else "left")
     for e in entries:
-        table.add_row(", ".join(e.names) or "–", e.key[:12], Path(e.model_name).name, f"{e.tokens:,}",
+        table.add_row(", ".join(e.names) or "–", e.key[:8], Path(e.model_name).name, f"{e.tokens:,}",
                       ui.human_size(e.bytes), _when(e.created), _when(e.last_used), str(e.hits))
     ui.out.print(table)
 
@@ -212,13 +218,14 @@ def _iso(ts: float) -> str:
 
 def _when(ts: float) -> str:
     ago = time.time() - ts
-    for unit, seconds in (("d", 86400), ("h", 3600), ("min", 60)):
+    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
         if ago >= seconds:
-            return f"{ago / seconds:.0f} {unit} ago"
+            return f"{ago / seconds:.0f}{unit} ago"
     return "just now"
 
 
 # Commands defined in their own modules (one line each).
+from .bench import bench as _bench; app.command()(_bench)  # noqa: E402,E702
 from .prompt import prompt_command; app.command("prompt")(prompt_command)  # noqa: E402,E702
 
 
