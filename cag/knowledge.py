@@ -11,11 +11,11 @@ import torch
 from transformers import DynamicCache
 
 from .documents import load_documents
-from .errors import CacheMismatchError, ContextTooLongError
-from .generate import generate
+from .errors import CacheMismatchError, ContextTooLongError, ModelError
+from .generate import Generation, generate, generate_batch
 from .home import store_dir
-from .kvcache import CacheMetadata, crop_to, now_iso
-from .model import LoadedModel, load_model
+from .kvcache import CacheMetadata, now_iso
+from .model import LoadedModel, _split_quantize, load_model
 from .prefill import DEFAULT_CHUNK_SIZE, ProgressCallback, prefill
 from .prompt import PromptBuilder
 
@@ -36,6 +36,7 @@ class Answer:
     ttft_s: float  # time to first token, restore included when this call restored
     total_s: float
     finish_reason: str
+    batch: int = 1  # answers generated together with this one (ask_many); their steps are shared
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -65,8 +66,22 @@ def open_store(home: str | os.PathLike | None = None, store=None):
     return LocalStore(store_dir(home))
 
 
-def resolve_model(model: str | LoadedModel | None, home: str | os.PathLike | None = None) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model, home=home)
+def resolve_model(
+    model: str | LoadedModel | None, home: str | os.PathLike | None = None, quantize: str | None = None
+) -> LoadedModel:
+    if not isinstance(model, LoadedModel):
+        return load_model(model, home=home, quantize=quantize)
+    if quantize is not None and model.quantize != quantize:
+        raise ModelError(f"model {model.name!r} is already loaded without {quantize} quantization: "
+                         f"load it with load_model(..., quantize={quantize!r})")
+    return model
+
+
+def _same_model_but_quantization(built_by: str, in_use: str) -> bool:
+    try:
+        return built_by != in_use and _split_quantize(built_by, None)[0] == _split_quantize(in_use, None)[0]
+    except ModelError:
+        return False
 
 
 def _kv_dtype_name(lm: LoadedModel) -> str:
@@ -76,12 +91,19 @@ def _kv_dtype_name(lm: LoadedModel) -> str:
 class KnowledgeBase:
     """A stored context cache and the model that reads it.
 
-    The cache is restored once (lazily, on the first question) and kept in memory;
-    each answer grows it by the question and answer tokens, then crops it back to the
-    context boundary, so nothing is copied per question.
+    The cache is restored once (lazily, on the first question) and kept in memory. It
+    is only ever read: each question's and answer's keys and values go into a small
+    buffer of their own (see ``cag.batch``), so nothing of the context is copied per
+    question, or per batch of questions.
     """
 
     def __init__(self, lm: LoadedModel, store, entry, cache: DynamicCache | None = None, context_ids: list[int] | None = None) -> None:
+        if entry.fingerprint != lm.fingerprint and _same_model_but_quantization(entry.model_name, lm.name):
+            raise CacheMismatchError(
+                f"cache {(entry.names or (entry.key,))[0]!r} was built by {entry.model_name!r}, but the model in use is "
+                f"{lm.name!r}: a quantized model's keys and values differ from the full-precision model's, so its "
+                f"caches are its own; ask with the quantization the cache was built with, or rebuild the cache"
+            )
         if entry.fingerprint != lm.fingerprint:
             raise CacheMismatchError(
                 f"cache {(entry.names or (entry.key,))[0]!r} was built by model {entry.model_name!r} "
@@ -149,33 +171,82 @@ class KnowledgeBase:
         use_cache: bool = True,
         on_text: Callable[[str], None] | None = None,
     ) -> Answer:
-        """Answer one question; ``use_cache=False`` re-prefills the whole prompt (the baseline)."""
+        """Answer one question, streaming its text to ``on_text``; ``use_cache=False`` re-prefills
+        the whole prompt (the baseline). The context cache is read, never modified."""
         start = time.perf_counter()
+        question_ids, room = self._question(question)
+        if use_cache:
+            cache = self.cache
+            offset, self._unbilled_restore_s = self._unbilled_restore_s, 0.0
+        else:
+            cache = prefill(self.lm, self.context_ids).cache
+            offset = 0.0
+        gen_start = time.perf_counter()
+        gen = generate(
+            self.lm, cache, question_ids, max_new_tokens=min(max_new_tokens, room), temperature=temperature, seed=seed,
+            on_text=on_text, extend_cache=False,
+        )
+        ttft = (offset if use_cache else gen_start - start) + gen.prefill_s
+        return self._answer(question, question_ids, gen, use_cache, ttft, time.perf_counter() - start)
+
+    def ask_many(
+        self,
+        questions: Iterable[str],
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = 0,
+        use_cache: bool = True,
+    ) -> list[Answer]:
+        """Answer questions against the context cache, ``batch_size`` at a time, in their order.
+
+        A batch decodes its questions together: the context's keys and values are read
+        once per step for all of them and never copied. Each answer is the one ``ask``
+        gives alone (greedy: token for token; sampling: each question draws from its own
+        generator seeded with ``seed``). An answer's ``ttft_s`` and ``total_s`` count from
+        the start of its batch. ``batch_size=1`` or ``use_cache=False`` asks one by one.
+        """
+        questions = list(questions)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not use_cache or batch_size == 1:
+            return [self.ask(q, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, use_cache=use_cache)
+                    for q in questions]
+        prepared = [self._question(q) for q in questions]  # every question checked before any work
+        # Questions of similar length share a batch: less padding.
+        order = sorted(range(len(questions)), key=lambda i: len(prepared[i][0]))
+        answers: list[Answer | None] = [None] * len(questions)
+        for begin in range(0, len(order), batch_size):
+            chunk = order[begin : begin + batch_size]
+            start = time.perf_counter()
+            cache = self.cache
+            offset, self._unbilled_restore_s = self._unbilled_restore_s, 0.0
+            gen_start = time.perf_counter()
+            gens = generate_batch(
+                self.lm, cache, [prepared[i][0] for i in chunk],
+                max_new_tokens=[min(max_new_tokens, prepared[i][1]) for i in chunk], temperature=temperature, seed=seed,
+            )
+            for i, gen in zip(chunk, gens):
+                answers[i] = self._answer(questions[i], prepared[i][0], gen, True, offset + gen.prefill_s,
+                                          gen_start - start + gen.total_s, batch=len(chunk))
+        return answers  # type: ignore[return-value]
+
+    def _question(self, question: str) -> tuple[list[int], int]:
+        """The question's token ids and the room left for its answer; refuses a question that cannot fit."""
         question_ids = self.prompt.question_ids(question)
-        prompt_tokens = self.boundary + len(question_ids)
-        room = self.lm.max_context - prompt_tokens
+        room = self.lm.max_context - self.boundary - len(question_ids)
         if room <= 0:
             raise ContextTooLongError(
                 f"context ({self.boundary:,} tokens) plus question ({len(question_ids):,}) exceed the model's "
                 f"window of {self.lm.max_context:,} tokens: ask a shorter question"
             )
-        if use_cache:
-            cache = self.cache
-            reused = self.boundary
-            offset, self._unbilled_restore_s = self._unbilled_restore_s, 0.0
-        else:
-            cache = prefill(self.lm, self.context_ids).cache
-            reused, offset = 0, 0.0
-        gen_start = time.perf_counter()
-        try:
-            gen = generate(
-                self.lm, cache, question_ids,
-                max_new_tokens=min(max_new_tokens, room), temperature=temperature, seed=seed, on_text=on_text,
-            )
-        finally:
-            if use_cache:
-                crop_to(cache, self.boundary)
-        prefill_before = gen_start - start
+        return question_ids, room
+
+    def _answer(self, question: str, question_ids: list[int], gen: Generation, use_cache: bool, ttft_s: float,
+                total_s: float, batch: int = 1) -> Answer:
+        prompt_tokens = self.boundary + len(question_ids)
+        reused = self.boundary if use_cache else 0
         return Answer(
             question=question,
             text=gen.text.strip(),
@@ -184,14 +255,11 @@ class KnowledgeBase:
             prompt_tokens=prompt_tokens,
             reused_tokens=reused,
             prefilled_tokens=prompt_tokens - reused,
-            ttft_s=(offset if use_cache else prefill_before) + gen.prefill_s,
-            total_s=time.perf_counter() - start,
+            ttft_s=ttft_s,
+            total_s=total_s,
             finish_reason=gen.finish_reason,
+            batch=batch,
         )
-
-    def ask_many(self, questions: Iterable[str], **kwargs) -> list[Answer]:
-        """Answer questions one after another against the same restored cache."""
-        return [self.ask(q, **kwargs) for q in questions]
 
 
 def build(
@@ -204,11 +272,13 @@ def build(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     on_progress: ProgressCallback | None = None,
     stdin: TextIO | None = None,
+    quantize: str | None = None,
 ) -> KnowledgeBase:
     """Prefill documents once and store their KV cache; reuses the longest stored prefix.
 
     The returned knowledge base holds the cache in memory, ready for questions; its
-    ``report`` says what was stored and what was reused.
+    ``report`` says what was stored and what was reused. ``quantize="int8"`` builds
+    with int8 weights (see ``load_model``); the cache then belongs to that model.
     """
     start = time.perf_counter()
     if name is not None:
@@ -216,7 +286,7 @@ def build(
 
         validate_name(name)
     documents = load_documents(inputs, stdin=stdin)
-    lm = resolve_model(model, home)
+    lm = resolve_model(model, home, quantize)
     ids = PromptBuilder(lm.tokenizer).context_ids(documents, lm.max_context)
     store = open_store(home, store)
     kv_dtype = _kv_dtype_name(lm)
@@ -260,9 +330,15 @@ def load(
     model: str | LoadedModel | None = None,
     home: str | os.PathLike | None = None,
     store=None,
+    quantize: str | None = None,
 ) -> KnowledgeBase:
-    """Open a stored cache by name or key, with the model that built it unless another is given."""
+    """Open a stored cache by name or key, with the model that built it unless another is given.
+
+    A cache built with a quantized model records it (e.g. ``SmolLM2-135M-Instruct:int8``),
+    so it reloads that model. Asking for another quantization than the cache was built
+    with is refused: the keys and values differ.
+    """
     store = open_store(home, store)
     entry = store.resolve(name)
-    lm = resolve_model(model if model is not None else entry.model_name, home)
+    lm = resolve_model(entry.model_name if model is None else model, home, quantize)
     return KnowledgeBase(lm, store, entry)

@@ -10,19 +10,38 @@ File layout (format ``cag-kv`` version 1), all in one safetensors file:
   KV dtype, token count, context boundary, sources, creation time, and a CRC32 per
   block of tokens, so corruption is caught on every load, including prefix loads.
 
+The KV dtype on disk is ``float32``, ``bfloat16``, ``float16`` or ``int8``. An int8
+file quantizes as KIVI does (Liu et al., 2024): keys per channel, values per token,
+asymmetric, ``x ~= q * scale + zero``. It adds four float32 tensors per layer and one
+metadata field (``kv_key_group_tokens``):
+
+* ``layers.{i}.keys_scale`` / ``keys_zero``: ``[1, kv_heads, ceil(tokens / G), head_dim]``,
+  one row per group of ``G`` tokens (keys have outlier *channels*, so each channel
+  gets its own range, taken over a group of tokens);
+* ``layers.{i}.values_scale`` / ``values_zero``: ``[1, kv_heads, tokens, 1]``, one per token.
+
+Groups never straddle a CRC block, so a prefix restore still reads only its own
+blocks. A prefix of ``n`` tokens read from an int8 entry equals what quantizing that
+prefix alone gives when ``n`` is a multiple of ``G``; otherwise its last group's key
+range also covers the tokens after it (a slightly coarser step, never an error).
+
 The file is written with the ``safetensors`` library and read back by a small reader
-of our own that validates the header before allocating anything and counts bytes.
+of our own that validates the header before touching any data. On POSIX the reader
+maps the file privately (copy-on-write): a cache restored in its stored dtype on the
+CPU is a set of views into that mapping (zero-copy; the kernel's page cache is the
+only copy), and any other restore converts straight from the mapping into the
+result, with no intermediate buffer. The CRC check still reads every restored byte.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,13 +52,21 @@ from safetensors.torch import save_file
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .errors import CacheNotFoundError, CorruptCacheError, StoreError
+from .errors import CacheNotFoundError, CagError, CorruptCacheError, StoreError
+
+try:  # ISA-L's CRC-32 is zlib's, ~5x faster (carry-less multiply); the checksums are identical
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is optional
+    from zlib import crc32 as _crc32
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "KV_DTYPES",
+    "INT8_KEY_GROUP_TOKENS",
     "CacheMetadata",
     "RestoredCache",
+    "check_kv_dtype",
     "save_cache",
     "load_cache",
     "read_metadata",
@@ -54,6 +81,13 @@ FORMAT_VERSION = 1
 CRC_BLOCK_TOKENS = 256
 # A real header holds ~100 bytes per tensor: anything near this size is not ours.
 MAX_HEADER_BYTES = 8 * 1024 * 1024
+
+KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
+# Tokens per key quantization group: smaller groups follow the keys more closely and
+# cost more scale bytes (8 bytes per channel per group). Must divide CRC_BLOCK_TOKENS.
+INT8_KEY_GROUP_TOKENS = 64
+_FLOAT_KV = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KV_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16"}
 
 _DTYPES = {
     "F64": torch.float64,
@@ -117,6 +151,7 @@ class RestoredCache:
     metadata: CacheMetadata
     bytes_read: int
     seconds: float
+    zero_copy: bool = False  # the KV tensors are views into a private mapping of the file
 
 
 @dataclass(frozen=True)
@@ -132,6 +167,23 @@ class _Header:
     metadata: dict[str, str]
     tensors: dict[str, _TensorInfo] = field(default_factory=dict)
     size: int = 0  # bytes of the length prefix and JSON header
+    file_size: int = 0
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One tensor of a layer: its name after ``layers.{i}.``, dtype, and tokens per row."""
+
+    name: str
+    dtype: torch.dtype
+    group: int = 1
+
+
+@dataclass(frozen=True)
+class _Layout:
+    parts: tuple[_Part, ...]
+    block: int  # tokens per CRC block
+    group: int  # tokens per key quantization group (1 for float files)
 
 
 # ----------------------------------------------------------------- DynamicCache
@@ -159,27 +211,107 @@ def crop_to(cache: DynamicCache, tokens: int) -> None:
         cache.crop(-excess)
 
 
+# ------------------------------------------------------------------- KV dtypes
+
+
+def check_kv_dtype(name: str | torch.dtype) -> str:
+    """The file name of a KV dtype (``float32``, ``bfloat16``, ``float16``, ``int8``); accepts torch dtypes and fp16-style aliases."""
+    text = str(name).removeprefix("torch.").strip().lower()
+    text = _KV_ALIASES.get(text, text)
+    if text not in KV_DTYPES:
+        raise CagError(f"unsupported KV dtype {str(name)!r}: use one of {', '.join(KV_DTYPES)}")
+    return text
+
+
+def _parts(kv_dtype: str, group: int) -> tuple[_Part, ...]:
+    if kv_dtype == "int8":
+        f32 = torch.float32
+        return (
+            _Part("keys", torch.int8), _Part("keys_scale", f32, group), _Part("keys_zero", f32, group),
+            _Part("values", torch.int8), _Part("values_scale", f32), _Part("values_zero", f32),
+        )
+    return (_Part("keys", _FLOAT_KV[kv_dtype]), _Part("values", _FLOAT_KV[kv_dtype]))
+
+
+def _encode_layer(keys: torch.Tensor, values: torch.Tensor, kv_dtype: str, group: int) -> dict[str, torch.Tensor]:
+    """A layer's tensors as stored, on the CPU, in the order of ``_parts``."""
+    if kv_dtype in _FLOAT_KV:
+        dtype = _FLOAT_KV[kv_dtype]
+        return {"keys": keys.to("cpu", dtype).contiguous(), "values": values.to("cpu", dtype).contiguous()}
+    kq, ks, kz = _quantize_keys(keys, group)
+    vq, vs, vz = _quantize_values(values)
+    out = {"keys": kq, "keys_scale": ks, "keys_zero": kz, "values": vq, "values_scale": vs, "values_zero": vz}
+    return {name: t.to("cpu").contiguous() for name, t in out.items()}
+
+
+def _quantize_keys(keys: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel over groups of ``group`` tokens; a short last group is padded with its own last token."""
+    x = keys.float().contiguous()
+    b, h, t, d = x.shape
+    groups = -(-t // group)
+    pad = groups * group - t
+    if pad:
+        x = torch.cat([x, x[:, :, -1:].expand(b, h, pad, d)], dim=2)
+    g = x.view(b, h, groups, group, d)
+    scale, zero = _scale_zero(g.amin(dim=3), g.amax(dim=3))
+    q = _codes(g, scale.unsqueeze(3), zero.unsqueeze(3)).view(b, h, groups * group, d)[:, :, :t]
+    return q, scale, zero
+
+
+def _quantize_values(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token (over the channels of each head)."""
+    x = values.float()
+    scale, zero = _scale_zero(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True))
+    return _codes(x, scale, zero), scale, zero
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map [lo, hi] onto the 256 codes -128..127; a constant range gets scale 1 (its code is exact)."""
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("the cache holds non-finite values (inf or nan): it cannot be quantized to int8")
+    scale = (hi - lo) / 255
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, lo + 128 * scale
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return torch.round((x - zero) / scale).clamp_(-128, 127).to(torch.int8)
+
+
 # ----------------------------------------------------------------------- write
 
 
 def save_cache(path: str | os.PathLike, cache: DynamicCache, token_ids: Sequence[int], metadata: CacheMetadata) -> int:
     """Write the first ``metadata.tokens`` tokens of ``cache`` to ``path`` atomically; return its size.
 
-    A temporary file in the same folder is renamed over ``path`` once complete and
-    synced, so a reader never sees a partial file and a crash leaves none behind.
+    The tensors are stored in ``metadata.kv_dtype``, converted (or quantized) from the
+    cache's own dtype. A temporary file in the same folder is renamed over ``path`` once
+    complete and synced, so a reader never sees a partial file and a crash leaves none behind.
     """
     path = Path(path)
     n = metadata.tokens
     if len(token_ids) < n or cache.get_seq_length() < n:
         raise ValueError(f"cache holds {cache.get_seq_length()} tokens and {len(token_ids)} ids, metadata says {n}")
-    dtype = _DTYPES[_dtype_code(metadata.kv_dtype)]
+    if metadata.kv_dtype not in KV_DTYPES:
+        raise CagError(f"unsupported KV dtype {metadata.kv_dtype!r}: use one of {', '.join(KV_DTYPES)}")
+    group = INT8_KEY_GROUP_TOKENS if metadata.kv_dtype == "int8" else 1
+    parts = _parts(metadata.kv_dtype, group)
     tensors: dict[str, torch.Tensor] = {}
     for i, (keys, values) in enumerate(cache_layers(cache)):
-        tensors[f"layers.{i}.keys"] = keys[:, :, :n].to("cpu", dtype).contiguous()
-        tensors[f"layers.{i}.values"] = values[:, :, :n].to("cpu", dtype).contiguous()
+        for name, tensor in _encode_layer(keys[:, :, :n], values[:, :, :n], metadata.kv_dtype, group).items():
+            tensors[f"layers.{i}.{name}"] = tensor
     ids = torch.tensor(list(token_ids[:n]), dtype=torch.int64)
+    crc_parts = [
+        (_as_bytes(tensors[f"layers.{i}.{p.name}"]), tensors[f"layers.{i}.{p.name}"].shape, p.group, tensors[f"layers.{i}.{p.name}"].element_size())
+        for i in range(len(cache.layers))
+        for p in parts
+    ]
     tensors["token_ids"] = ids
-    header = metadata.to_header(_block_crcs(tensors, n, n), zlib.crc32(_as_bytes(ids)))
+    header = metadata.to_header(_block_crcs(_in_crc_order(crc_parts, len(cache.layers), parts), n, n), _crc32(_as_bytes(ids)))
+    if metadata.kv_dtype == "int8":
+        # Only int8 files carry these, so float files stay byte-identical to format 1's golden file.
+        header["kv_key_group_tokens"] = str(group)
+        header["kv_quantization"] = "int8 asymmetric: keys per channel over kv_key_group_tokens tokens, values per token; x = q * scale + zero"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -198,6 +330,12 @@ def save_cache(path: str | os.PathLike, cache: DynamicCache, token_ids: Sequence
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     return path.stat().st_size
+
+
+def _in_crc_order(items: list, num_layers: int, parts: Sequence[_Part]) -> list:
+    """The CRC covers every layer tensor in the order of their names, as strings (layers.10 before layers.2)."""
+    names = [f"layers.{i}.{p.name}" for i in range(num_layers) for p in parts]
+    return [item for _, item in sorted(zip(names, items), key=lambda pair: pair[0])]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -225,9 +363,15 @@ def read_token_ids(path: str | os.PathLike) -> list[int]:
     """The token ids of a cache file, checked against their CRC."""
     path = Path(path)
     header = _read_header(path)
+    info = header.tensors.get("token_ids")
+    if info is None or len(info.shape) != 1 or info.dtype != torch.int64:
+        raise CorruptCacheError(f"{path}: token ids missing or of the wrong shape")
+    ids = torch.empty(info.shape, dtype=torch.int64)
     with open(path, "rb", buffering=0) as f:
-        ids, _ = _read_token_ids(f, header, path)
-    return ids
+        f.seek(info.begin)
+        _read_exact(f, _as_bytes(ids), path)
+    _check_token_crc(_as_bytes(ids), header, path)
+    return ids.tolist()
 
 
 def load_cache(
@@ -236,58 +380,215 @@ def load_cache(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> RestoredCache:
-    """Restore the first ``tokens`` tokens (all if None) of a cache file.
+    """Restore the first ``tokens`` tokens (all if None) of a cache file, in ``dtype`` on ``device``.
 
-    Reads only the byte ranges those tokens need (rounded up to a CRC block, so the
-    block can be checked), and refuses a file whose header or checksums are wrong.
+    ``dtype`` is the compute dtype (None: the stored dtype; float32 for int8 files,
+    which are de-quantized). Reads only the byte ranges those tokens need (rounded up
+    to a CRC block, so the block can be checked), and refuses a file whose header or
+    checksums are wrong. When the stored dtype is ``dtype`` and the device is the CPU,
+    the tensors are views into a private mapping of the file: nothing is copied, and
+    a write to them never reaches the file.
+
+    ``out``, one ``(keys, values)`` pair per layer shaped ``[batch, heads, capacity, dim]``
+    with ``capacity >= tokens``, restores into those tensors instead (their dtype and
+    device rule): one pass from the file into memory the caller already holds, the
+    fastest restore when a cache's buffers are reused question after question. The
+    returned cache then holds views of their first ``tokens`` tokens.
     """
     start = time.perf_counter()
     path = Path(path)
     header = _read_header(path)
     meta = CacheMetadata.from_header(header.metadata, path)
-    _check_layout(header, meta, path)
+    layout = _check_layout(header, meta, path)
     n = meta.tokens if tokens is None else tokens
     if not 0 < n <= meta.tokens:
         raise ValueError(f"cannot restore {n} tokens from a cache of {meta.tokens}")
-    block = int(header.metadata.get("crc_block_tokens", CRC_BLOCK_TOKENS))
-    span = min(meta.tokens, math.ceil(n / block) * block)
-    read = header.size
-    layers = []
-    tensors: dict[str, torch.Tensor] = {}
+    if out is not None:
+        _check_out(out, header, meta, n, dtype)
+    span = min(meta.tokens, math.ceil(n / layout.block) * layout.block)
+    names = [f"layers.{i}.{p.name}" for i in range(meta.num_layers) for p in layout.parts]
+    groups = {f"layers.{i}.{p.name}": p.group for i in range(meta.num_layers) for p in layout.parts}
+    ids_info = header.tensors["token_ids"]
+    ranges = [r for name in names for r in _head_ranges(header.tensors[name], -(-span // groups[name]))]
+    ranges.append((ids_info.begin, ids_info.end))
     with open(path, "rb", buffering=0) as f:
-        for i in range(meta.num_layers):
-            pair = []
-            for kind in ("keys", "values"):
-                name = f"layers.{i}.{kind}"
-                tensor, nbytes = _read_prefix(f, header.tensors[name], span, path)
-                tensors[name] = tensor
-                read += nbytes
-                pair.append(tensor)
-            layers.append(pair)
-        ids, nbytes = _read_token_ids(f, header, path)
-        read += nbytes
-    expected = [int(c, 16) for c in header.metadata.get("block_crc32", "").split(",") if c]
-    actual = _block_crcs(tensors, span, meta.tokens, block)
-    if actual != expected[: len(actual)] or len(expected) != math.ceil(meta.tokens / block):
-        raise CorruptCacheError(f"{path}: checksum mismatch in the KV tensors, the file is corrupt")
+        data = _FileData(f, header.file_size, ranges, path)
+    read = header.size + sum(end - begin for begin, end in ranges)
+
+    _check_token_crc(data.bytes[ids_info.begin : ids_info.end], header, path)
+    ids = _tensor_view(data, ids_info)[:n].tolist()
+    crc_parts = [_crc_part(data, header.tensors[name], groups[name]) for name in names]
+    _check_block_crcs(_in_crc_order(crc_parts, meta.num_layers, layout.parts), header, meta, layout, span, path)
+
+    views = {name: _tensor_view(data, header.tensors[name]) for name in names}
     target = torch.device(device)
-    restored = [
-        (_finish(k[:, :, :n], target, dtype), _finish(v[:, :, :n], target, dtype)) for k, v in layers
-    ]
+    stored = _FLOAT_KV.get(meta.kv_dtype)
+    zero_copy = out is None and stored is not None and data.mapped and target.type == "cpu" and dtype in (None, stored)
+    layers = []
+    for i in range(meta.num_layers):
+        if out is not None:
+            keys, values = out[i][0][:, :, :n], out[i][1][:, :, :n]
+        elif zero_copy:
+            keys, values = views[f"layers.{i}.keys"][:, :, :n], views[f"layers.{i}.values"][:, :, :n]
+            layers.append((keys, values))
+            continue
+        else:
+            result = dtype or stored or torch.float32
+            shape = lambda kind: views[f"layers.{i}.{kind}"].shape[:2] + (n, views[f"layers.{i}.{kind}"].shape[3])  # noqa: E731
+            keys = torch.empty(shape("keys"), dtype=result, device=target)
+            values = torch.empty(shape("values"), dtype=result, device=target)
+        if stored is not None:
+            keys.copy_(views[f"layers.{i}.keys"][:, :, :n])  # one pass: dtype and device in the same copy
+            values.copy_(views[f"layers.{i}.values"][:, :, :n])
+        else:
+            _dequantize_layer(views, i, n, layout.group, keys, values)
+        layers.append((keys, values))
     return RestoredCache(
-        cache=cache_from_layers(restored),
-        token_ids=ids[:n],
+        cache=cache_from_layers(layers),
+        token_ids=ids,
         metadata=meta,
         bytes_read=read,
         seconds=time.perf_counter() - start,
+        zero_copy=zero_copy,
     )
 
 
-def _finish(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.to(device) if t.device != device else t
+def _check_out(out: Sequence[tuple[torch.Tensor, torch.Tensor]], header: _Header, meta: CacheMetadata, n: int, dtype: torch.dtype | None) -> None:
+    if len(out) != meta.num_layers:
+        raise ValueError(f"out has {len(out)} layers, the cache {meta.num_layers}")
+    for i, pair in enumerate(out):
+        for kind, tensor in zip(("keys", "values"), pair):
+            info = header.tensors[f"layers.{i}.{kind}"]
+            if tensor.dim() != 4 or tensor.shape[:2] != info.shape[:2] or tensor.shape[3] != info.shape[3] or tensor.shape[2] < n:
+                raise ValueError(f"out layer {i} {kind} has shape {tuple(tensor.shape)}; it needs {info.shape[:2] + (n, info.shape[3])} or more tokens")
+            if dtype is not None and tensor.dtype != dtype:
+                raise ValueError(f"out layer {i} {kind} is {tensor.dtype}, not the requested {dtype}")
+
+
+class _FileData:
+    """A cache file's bytes as one uint8 tensor.
+
+    Where the platform maps files, a private (copy-on-write) mapping of the whole file:
+    restored tensors can be views into it, and a write to them stays in this process.
+    Elsewhere, a buffer the size of the file into which only the needed ranges are read.
+    """
+
+    def __init__(self, f, size: int, ranges: Sequence[tuple[int, int]], path: Path) -> None:
+        mapping = _map(f)
+        if mapping is not None and len(mapping) < size:
+            raise CorruptCacheError(f"{path}: file shrank while being read; it is truncated or being rewritten")
+        self.mapped = mapping is not None
+        if mapping is not None:
+            # Ask for every needed range up front: the kernel then reads them in large
+            # sequential requests instead of page by page as the CRC pass touches them.
+            _will_need(mapping, ranges)
+            self.tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+            self.bytes = memoryview(mapping)
+        else:
+            self.tensor = torch.empty(size, dtype=torch.uint8)
+            self.bytes = _as_bytes(self.tensor)
+            for begin, end in _merged(ranges):
+                f.seek(begin)
+                _read_exact(f, self.bytes[begin:end], path)
+
+
+def _map(f) -> mmap.mmap | None:
+    if os.name != "posix":
+        return None  # a mapped file cannot be renamed or deleted there, and the store does both
+    try:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None  # a file system without mmap: read instead
+
+
+def _will_need(mapping: mmap.mmap, ranges: Sequence[tuple[int, int]]) -> None:
+    page = mmap.PAGESIZE
+    for begin, end in _merged(ranges):
+        aligned = begin - begin % page
+        try:
+            mapping.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+        except (AttributeError, OSError, ValueError):
+            return  # advice only
+
+
+def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for begin, end in sorted(ranges):
+        if out and begin <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((begin, end))
+    return out
+
+
+def _head_ranges(info: _TensorInfo, rows: int) -> list[tuple[int, int]]:
+    """Byte ranges of the first ``rows`` rows of each head: one contiguous range per head."""
+    batch, heads, total, width = info.shape
+    row = width * _itemsize(info.dtype)
+    rows = min(rows, total)
+    return [(info.begin + bh * total * row, info.begin + (bh * total + rows) * row) for bh in range(batch * heads)]
+
+
+def _tensor_view(data: _FileData, info: _TensorInfo) -> torch.Tensor:
+    raw = data.tensor[info.begin : info.end]
+    if info.begin % _itemsize(info.dtype):
+        raw = raw.clone()  # misaligned (another writer's file): a view would not be allowed
+    return raw.view(info.dtype).view(info.shape)
+
+
+def _crc_part(data: _FileData, info: _TensorInfo, group: int) -> tuple[memoryview, tuple[int, ...], int, int]:
+    return data.bytes[info.begin : info.end], info.shape, group, _itemsize(info.dtype)
+
+
+def _check_block_crcs(parts: list, header: _Header, meta: CacheMetadata, layout: _Layout, span: int, path: Path) -> None:
+    try:
+        expected = [int(c, 16) for c in header.metadata.get("block_crc32", "").split(",") if c]
+    except ValueError as exc:
+        raise CorruptCacheError(f"{path}: the block checksums in the header are garbled; the file is corrupt") from exc
+    actual = _block_crcs(parts, span, meta.tokens, layout.block)
+    if actual != expected[: len(actual)] or len(expected) != math.ceil(meta.tokens / layout.block):
+        raise CorruptCacheError(f"{path}: checksum mismatch in the KV tensors, the file is corrupt")
+
+
+def _check_token_crc(data: memoryview, header: _Header, path: Path) -> None:
+    if f"{_crc32(data):08x}" != header.metadata.get("token_ids_crc32"):
+        raise CorruptCacheError(f"{path}: checksum mismatch in the token ids, the file is corrupt")
+
+
+def _dequantize_layer(views: dict[str, torch.Tensor], i: int, n: int, group: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """De-quantize the first ``n`` tokens of layer ``i`` from the file into ``keys`` and ``values``.
+
+    The codes are widened by a plain copy, then scaled and shifted in place: mixed
+    int8-float arithmetic in one op takes torch's slow path (~10x slower here).
+    """
+    device = keys.device
+    get = lambda name, rows: views[f"layers.{i}.{name}"][:, :, :rows].to(device)  # noqa: E731
+    groups = -(-n // group)
+    kq, ks, kz = get("keys", n), get("keys_scale", groups), get("keys_zero", groups)
+    vq, vs, vz = get("values", n), get("values_scale", n), get("values_zero", n)
+    b, h, _, d = kq.shape
+    full = n // group
+    for dest, codes, scale, zero in _scaled_pieces(keys, kq, ks, kz, full, group, n, (b, h, d)) + [(values, vq, vs, vz)]:
+        work = dest if dest.dtype == torch.float32 else torch.empty(dest.shape, dtype=torch.float32, device=device)
+        work.copy_(codes)
+        work.mul_(scale).add_(zero)
+        if work is not dest:
+            dest.copy_(work)
+
+
+def _scaled_pieces(keys, kq, ks, kz, full: int, group: int, n: int, bhd: tuple[int, int, int]) -> list:
+    """Key pieces whose rows share a scale row: whole groups (viewed 5-D) and a short last group."""
+    b, h, d = bhd
+    pieces = []
+    if full:
+        rows, grouped = full * group, (b, h, full, group, d)
+        pieces.append((keys[:, :, :rows].view(grouped), kq[:, :, :rows].view(grouped), ks[:, :, :full, None], kz[:, :, :full, None]))
+    if n > full * group:
+        tail = slice(full * group, n)
+        pieces.append((keys[:, :, tail], kq[:, :, tail], ks[:, :, full : full + 1], kz[:, :, full : full + 1]))
+    return pieces
 
 
 def _read_header(path: Path) -> _Header:
@@ -320,7 +621,7 @@ def _read_header(path: Path) -> _Header:
             f"{path}: cache format version {metadata.get('format_version')} is not supported "
             f"(this cag reads version {FORMAT_VERSION}); rebuild the cache"
         )
-    header = _Header(metadata=metadata, size=8 + length)
+    header = _Header(metadata=metadata, size=8 + length, file_size=size)
     for name, info in doc.items():
         header.tensors[name] = _tensor_info(name, info, 8 + length, size, path)
     return header
@@ -334,42 +635,52 @@ def _tensor_info(name: str, info: object, data_start: int, size: int, path: Path
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptCacheError(f"{path}: tensor {name} has a malformed header entry") from exc
     nbytes = math.prod(shape) * _itemsize(dtype)
-    if begin < 0 or end - begin != nbytes or data_start + end > size:
+    if any(d < 0 for d in shape) or begin < 0 or end - begin != nbytes or data_start + end > size:
         raise CorruptCacheError(f"{path}: tensor {name} lies outside the file; the file is truncated or corrupt")
     return _TensorInfo(dtype, shape, data_start + begin, data_start + end)
 
 
-def _check_layout(header: _Header, meta: CacheMetadata, path: Path) -> None:
+def _positive_int(metadata: dict[str, str], key: str, default: int | None, path: Path) -> int:
+    try:
+        value = int(metadata[key]) if key in metadata or default is None else default
+    except (KeyError, ValueError) as exc:
+        raise CorruptCacheError(f"{path}: cache header lacks or garbles {key}") from exc
+    if value <= 0:
+        raise CorruptCacheError(f"{path}: cache header has {key}={value}; the file is corrupt")
+    return value
+
+
+def _check_layout(header: _Header, meta: CacheMetadata, path: Path) -> _Layout:
+    """Every tensor the KV dtype calls for, with consistent dtypes and shapes; the CRC block and group sizes."""
+    if meta.kv_dtype not in KV_DTYPES:
+        raise CorruptCacheError(f"{path}: KV dtype {meta.kv_dtype!r} is not one this cag reads ({', '.join(KV_DTYPES)})")
+    if meta.num_layers < 1 or meta.tokens < 1:
+        raise CorruptCacheError(f"{path}: cache header claims {meta.num_layers} layers and {meta.tokens} tokens")
+    block = _positive_int(header.metadata, "crc_block_tokens", CRC_BLOCK_TOKENS, path)
+    group = _positive_int(header.metadata, "kv_key_group_tokens", None, path) if meta.kv_dtype == "int8" else 1
+    if block % group:
+        raise CorruptCacheError(f"{path}: key groups of {group} tokens straddle CRC blocks of {block}; the file is corrupt")
+    parts = _parts(meta.kv_dtype, group)
     for i in range(meta.num_layers):
-        for kind in ("keys", "values"):
-            info = header.tensors.get(f"layers.{i}.{kind}")
-            if info is None or len(info.shape) != 4 or info.shape[2] != meta.tokens:
-                raise CorruptCacheError(f"{path}: layer {i} {kind} missing or of the wrong shape")
+        data_shapes: dict[str, tuple[int, ...]] = {}
+        for part in parts:
+            info = header.tensors.get(f"layers.{i}.{part.name}")
+            kind, _, role = part.name.partition("_")
+            ok = info is not None and info.dtype == part.dtype and len(info.shape) == 4
+            ok = ok and info.shape[2] == -(-meta.tokens // part.group) and min(info.shape) > 0
+            if ok and not role:
+                data_shapes[kind] = info.shape
+            elif ok:
+                width = data_shapes[kind][3] if kind == "keys" else 1
+                ok = info.shape[:2] == data_shapes[kind][:2] and info.shape[3] == width
+            if not ok:
+                raise CorruptCacheError(f"{path}: layer {i} {part.name} missing or of the wrong dtype or shape")
+        if data_shapes["keys"][:2] != data_shapes["values"][:2]:
+            raise CorruptCacheError(f"{path}: layer {i} keys and values disagree on batch or heads")
     ids = header.tensors.get("token_ids")
     if ids is None or ids.shape != (meta.tokens,) or ids.dtype != torch.int64:
         raise CorruptCacheError(f"{path}: token ids missing or of the wrong shape")
-
-
-def _read_prefix(f, info: _TensorInfo, tokens: int, path: Path) -> tuple[torch.Tensor, int]:
-    """Read the first ``tokens`` tokens of each head: one contiguous range per head."""
-    batch, heads, total, dim = info.shape
-    out = torch.empty((batch, heads, tokens, dim), dtype=info.dtype)
-    row = dim * _itemsize(info.dtype)
-    for b in range(batch):
-        for h in range(heads):
-            f.seek(info.begin + ((b * heads + h) * total) * row)
-            _read_exact(f, _as_bytes(out[b, h]), path)
-    return out, batch * heads * tokens * row
-
-
-def _read_token_ids(f, header: _Header, path: Path) -> tuple[list[int], int]:
-    info = header.tensors["token_ids"]
-    ids = torch.empty(info.shape, dtype=torch.int64)
-    f.seek(info.begin)
-    _read_exact(f, _as_bytes(ids), path)
-    if f"{zlib.crc32(_as_bytes(ids)):08x}" != header.metadata.get("token_ids_crc32"):
-        raise CorruptCacheError(f"{path}: checksum mismatch in the token ids, the file is corrupt")
-    return ids.tolist(), info.end - info.begin
+    return _Layout(parts=parts, block=block, group=group)
 
 
 def _read_exact(f, buffer: memoryview, path: Path) -> None:
@@ -381,23 +692,26 @@ def _read_exact(f, buffer: memoryview, path: Path) -> None:
         view = view[got:]
 
 
-def _block_crcs(tensors: dict[str, torch.Tensor], span: int, total: int, block: int = CRC_BLOCK_TOKENS) -> list[int]:
-    """CRC32 of each block of tokens within ``span``, over every KV tensor in a fixed order.
+def _block_crcs(parts: Sequence[tuple[memoryview, Sequence[int], int, int]], span: int, total: int, block: int = CRC_BLOCK_TOKENS) -> list[int]:
+    """CRC32 of each block of tokens within ``span``, over every layer tensor in a fixed order.
 
-    Only blocks that lie wholly within the span, or end the cache, can be checked.
+    ``parts`` holds, per tensor, its bytes, shape ``[batch, heads, rows, width]``, tokens
+    per row and item size. Within a block, each tensor contributes the rows that block
+    covers, head by head. Only blocks that lie wholly within the span, or end the
+    cache, can be checked.
     """
-    names = sorted(n for n in tensors if n.startswith("layers."))
     crcs = []
     for begin in range(0, span, block):
         end = begin + block
         if end > span and span < total:
             break
         crc = 0
-        for name in names:
-            t = tensors[name]
-            for b in range(t.shape[0]):
-                for h in range(t.shape[1]):
-                    crc = zlib.crc32(_as_bytes(t[b, h, begin:end]), crc)
+        for data, (batch, heads, rows, width), group, itemsize in parts:
+            row = width * itemsize
+            first, last = begin // group, min(rows, -(-min(end, total) // group))
+            for bh in range(batch * heads):
+                base = bh * rows * row
+                crc = _crc32(data[base + first * row : base + last * row], crc)
         crcs.append(crc)
     return crcs
 
@@ -409,13 +723,6 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _dtype_code(name: str) -> str:
-    codes = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-    if name not in codes:
-        raise ValueError(f"unsupported KV dtype {name!r} (use one of {', '.join(codes)})")
-    return codes[name]
 
 
 def now_iso() -> str:

@@ -13,6 +13,7 @@ import io
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -28,17 +29,22 @@ from .home import models_dir
 
 __all__ = [
     "DEFAULT_MODEL",
+    "QUANTIZE_MODES",
     "LoadedModel",
     "load_model",
     "wrap_model",
     "embedded_gguf_path",
     "default_device",
+    "default_threads",
+    "set_threads",
 ]
 
 DEFAULT_MODEL = "smollm2"
 _EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_FILE = "cag-fingerprint.json"
+QUANTIZE_MODES = ("int8",)
+"""Weight quantizations ``load_model(quantize=...)`` knows; a model name may also end in ``:int8``."""
 
 
 @dataclass
@@ -54,6 +60,7 @@ class LoadedModel:
     dtype: torch.dtype
     max_context: int
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    quantize: str | None = None  # weight quantization ("int8"), None for the weights as loaded
 
     @property
     def num_layers(self) -> int:
@@ -135,12 +142,25 @@ def load_model(
     home: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+    threads: int | None = None,
 ) -> LoadedModel:
-    """Load a model by alias (``smollm2``, the default), local folder or Hugging Face id."""
+    """Load a model by alias (``smollm2``, the default), local folder or Hugging Face id.
+
+    ``quantize="int8"`` (or a name ending in ``:int8``) quantizes the linear layers' weights
+    to int8 on the CPU; its KV cache differs from the full-precision model's, so it has
+    a fingerprint of its own and caches of one are refused by the other. ``threads`` sets
+    torch's CPU threads (default: see ``default_threads``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    display, source = _resolve_source(name or DEFAULT_MODEL, home)
+    base, quantize = _split_quantize(name or DEFAULT_MODEL, quantize)
+    if threads is not None or not _defaults_applied:
+        set_threads(threads)
+    display, source = _resolve_source(base, home)
     device = torch.device(device) if device is not None else default_device()
+    if quantize is not None and device.type != "cpu":
+        raise ModelError(f"--quantize {quantize} runs on the CPU only (PyTorch dynamic quantization); drop it on {device.type}")
     dtype = dtype or torch.float32
     try:
         with _quiet_transformers():
@@ -150,28 +170,135 @@ def load_model(
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {display!r}: {first_line}") from exc
     model.to(device)
-    return wrap_model(model, tokenizer, name=display, weights_hash=_cached_weights_hash(source, model))
+    return wrap_model(model, tokenizer, name=display, weights_hash=_cached_weights_hash(source, model), quantize=quantize)
 
 
-def wrap_model(model: Any, tokenizer: Any, *, name: str, weights_hash: str | None = None) -> LoadedModel:
-    """Wrap an in-memory model and tokenizer (tests use a tiny random-weight model)."""
+def wrap_model(
+    model: Any,
+    tokenizer: Any,
+    *,
+    name: str,
+    weights_hash: str | None = None,
+    quantize: str | None = None,
+) -> LoadedModel:
+    """Wrap an in-memory model and tokenizer (tests use a tiny random-weight model).
+
+    With ``quantize`` the model's linear layers are quantized in place; the fingerprint
+    is that of the full-precision weights plus the quantization, and the name gains a
+    ``:int8`` suffix, so caches record (and ``cag.load`` reloads) the quantized model.
+    """
+    _, quantize = _split_quantize(name, quantize)
     model.eval()
     param = next(model.parameters())
     tok_hash = tokenizer_hash(tokenizer)
     weights_hash = weights_hash or _weights_hash_of_model(model)
     config = json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str)
-    fingerprint = _digest(b"cag-model-v1", config.encode(), weights_hash.encode(), tok_hash.encode())
+    parts = [b"cag-model-v1", config.encode(), weights_hash.encode(), tok_hash.encode()]
+    if quantize is not None:
+        _quantize_weights(model, quantize)
+        parts.append(f"quantize={quantize}".encode())
+        name = name if name.endswith(f":{quantize}") else f"{name}:{quantize}"
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name,
-        fingerprint=fingerprint,
+        fingerprint=_digest(*parts),
         tokenizer_hash=tok_hash,
         device=param.device,
         dtype=param.dtype,
         max_context=int(getattr(model.config, "max_position_embeddings", 0) or 2048),
         eos_token_ids=_eos_ids(model, tokenizer),
+        quantize=quantize,
     )
+
+
+def _split_quantize(name: str, quantize: str | None) -> tuple[str, str | None]:
+    """``smollm2:int8`` -> (``smollm2``, ``int8``); checks that ``quantize`` is a known mode and agrees."""
+    base, sep, suffix = name.rpartition(":")
+    if sep and suffix in QUANTIZE_MODES and not Path(name).expanduser().exists():
+        if quantize not in (None, suffix):
+            raise ModelError(f"model {name!r} says {suffix} but quantize={quantize!r} was asked: pick one")
+        name, quantize = base, suffix
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ModelError(f"unknown quantization {quantize!r}: choose one of {', '.join(QUANTIZE_MODES)}")
+    return name, quantize
+
+
+def _quantize_weights(model: Any, mode: str) -> None:
+    """Quantize every ``nn.Linear`` in place: int8 weights per output channel, activations per call.
+
+    PyTorch's own dynamic quantization (fbgemm/x86 kernels): a decode step reads a
+    quarter of the fp32 weight bytes. Embeddings and norms stay in full precision;
+    a tied output projection gets an int8 copy of its own.
+    """
+    if mode != "int8":  # pragma: no cover - _split_quantize admits only known modes
+        raise ModelError(f"unknown quantization {mode!r}")
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as exc:  # a future torch without torch.ao.quantization
+        raise ModelError("int8 quantization needs torch.ao.quantization (PyTorch 2.x): install torch<3") from exc
+    if next(model.parameters()).device.type != "cpu":
+        raise ModelError("int8 quantization runs on the CPU only: load the model on the CPU")
+    with warnings.catch_warnings():
+        # torch.ao.quantization announces its move to torchao; the API still works as documented.
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
+
+def default_threads() -> int:
+    """CPU threads for torch: ``$CAG_THREADS`` if set, else torch's own default (the physical
+    cores) capped by the CPUs this process may use (its affinity and any cgroup quota), so a
+    container limited to 2 CPUs on a 64-core host does not run 64 threads."""
+    env = os.environ.get("CAG_THREADS", "").strip()
+    if env:
+        return _positive_threads(env, "CAG_THREADS")
+    limits = [torch.get_num_threads()]
+    if hasattr(os, "sched_getaffinity"):
+        limits.append(len(os.sched_getaffinity(0)))
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        limits.append(quota)
+    return max(1, min(limits))
+
+
+_defaults_applied = False  # load_model applies default_threads() once; later calls keep what is set
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads (``default_threads()`` when None); returns the count in use."""
+    global _defaults_applied
+    count = default_threads() if threads is None else _positive_threads(threads, "threads")
+    _defaults_applied = True
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
+def _positive_threads(value: object, what: str) -> int:
+    try:
+        count = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise ModelError(f"{what} must be a positive number of threads, got {value!r}")
+    return count
+
+
+def _cgroup_cpu_quota() -> int | None:
+    """CPUs granted by a cgroup (v2 ``cpu.max`` or v1 ``cfs_quota_us``), rounded up; None if unlimited."""
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            if period_file is not None:
+                fields.append(Path(period_file).read_text().strip())
+            quota, period = fields[0], fields[1]
+            if quota in ("max", "-1"):
+                return None
+            return max(1, math.ceil(int(quota) / int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
 
 
 def tokenizer_hash(tokenizer: Any) -> str:

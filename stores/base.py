@@ -59,7 +59,10 @@ class CacheStore(Protocol):
         """Store the first ``metadata.tokens`` tokens of ``cache`` (once per content key) and label it."""
 
     def resolve(self, name_or_key: str) -> Entry:
-        """The entry a name (or a key, or a unique key prefix) points to; CacheNotFoundError if none."""
+        """The entry a name (or a key, or a unique key prefix) points to.
+
+        CacheNotFoundError if none; InvalidNameError if ``name_or_key`` could not be a name.
+        """
 
     def restore(self, entry: Entry, tokens: int | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> RestoredCache:
         """Load the first ``tokens`` tokens of an entry; a corrupt entry is quarantined and refused."""
@@ -71,7 +74,7 @@ class CacheStore(Protocol):
         """The stored entry sharing the longest prefix with ``token_ids``, if any shares a full block."""
 
     def label(self, name: str, key: str) -> None:
-        """Point ``name`` at the entry ``key`` (moving it if it pointed elsewhere)."""
+        """Point ``name`` at the entry ``key`` (moving it if it pointed elsewhere); CacheNotFoundError if no such entry."""
 
     def entries(self) -> list[Entry]: ...
 

@@ -7,9 +7,12 @@ Layout under the store folder::
     quarantine/           files that failed a check, kept for inspection
 
 Files are named by content key, never by a user's name, so no name can reach a path.
-A file is complete before its index row exists (atomic rename, then one
-transaction), so a crash leaves at worst a file without a row, which ``verify``
-quarantines and ``gc`` counts.
+A new entry is written to a staging file first, outside any lock; the rename into
+place and the index row then happen under the index's write lock, in one
+transaction. So a crash leaves at worst a staging file (removed by ``verify`` once
+stale) or a complete file without a row (quarantined by ``verify``), never a row
+pointing to a missing or partial file. Every change to ``entries/`` (rename in,
+unlink, quarantine) happens under that lock, so processes never undo each other.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import re
 import shutil
 import sqlite3
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -36,7 +40,9 @@ from .base import Entry, PrefixMatch, VerifyReport
 
 __all__ = ["LocalStore", "validate_name"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}")  # used with fullmatch: '$' would admit a trailing newline
+_KEY_PREFIX = re.compile(r"[0-9a-f]{6,40}")
+_KEY = re.compile(r"[0-9a-f]{40}")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
@@ -68,11 +74,12 @@ CREATE TABLE IF NOT EXISTS names (
 CREATE INDEX IF NOT EXISTS names_key ON names(key);
 """
 _STALE_TEMP_SECONDS = 3600
+_T = TypeVar("_T")
 
 
 def validate_name(name: str) -> str:
     """A cache name: letters, digits and ``._+@-``, starting with a letter or digit."""
-    if not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise InvalidNameError(
             f"invalid cache name {name!r}: use letters, digits and . _ + @ - (start with a letter or digit, no '..', "
             "at most 128 characters)"
@@ -112,27 +119,47 @@ class LocalStore:
         ids = list(token_ids[: metadata.tokens])
         seed = chain_seed(metadata.fingerprint, metadata.kv_dtype, self.block_size)
         key = sequence_key(ids, seed, self.block_size)
-        # The file is written inside the index's write transaction: a second process
-        # building the same key waits, then finds the entry and writes nothing.
-        with self._write() as db:
-            if self._row(key) is None or not self._path(key).is_file():
-                size = save_cache(self._path(key), cache, ids, metadata)
+        if not self._complete(key):
+            self._write_entry(key, cache, ids, seed, metadata)
+        if name is not None:
+            self.label(name, key)
+        return self.resolve(key)
+
+    def _write_entry(self, key: str, cache: DynamicCache, ids: list[int], seed: bytes, metadata: CacheMetadata) -> None:
+        """Write the file outside the lock (it can take seconds), then publish it under the lock.
+
+        Two processes building the same key both write a staging file; the first to take
+        the lock renames its file into place and adds the row, the second finds the entry
+        complete and throws its copy away. The lock is held for a rename and an insert only.
+        """
+        staging = self.entries_dir / f".{key}.{uuid.uuid4().hex[:12]}.staging.tmp"
+        try:
+            size = save_cache(staging, cache, ids, metadata)
+            checksum = _file_sha256(staging)
+            with self._write() as db:
+                if self._complete(key):
+                    return
+                final = self._path(key)
+                os.replace(staging, final)
+                self._undo.append(lambda: final.unlink(missing_ok=True))
+                _fsync_dir(self.entries_dir)
                 now = time.time()
                 db.execute(
                     "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,0) ON CONFLICT(key) DO UPDATE SET "
                     "bytes=excluded.bytes, sha256=excluded.sha256, created=excluded.created, last_used=excluded.last_used",
                     (key, metadata.model_name, metadata.fingerprint, metadata.kv_dtype, metadata.tokens,
-                     metadata.boundary, size, _file_sha256(self._path(key)), json.dumps(list(metadata.sources)), now, now),
+                     metadata.boundary, size, checksum, json.dumps(list(metadata.sources)), now, now),
                 )
                 hashes = block_hashes(ids, seed, self.block_size)
                 db.executemany("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", [(h, key, i) for i, h in enumerate(hashes)])
-        if name is not None:
-            self.label(name, key)
-        return self.resolve(key)
+        finally:
+            staging.unlink(missing_ok=True)
 
     def label(self, name: str, key: str) -> None:
         validate_name(name)
         with self._write() as db:
+            if self._row(key) is None:
+                raise CacheNotFoundError(f"no cache with key {key!r} in {self.root}: list caches with `cag ls`")
             db.execute("INSERT OR REPLACE INTO names VALUES (?,?,?)", (name, key, time.time()))
 
     def remove(self, name_or_key: str) -> list[Entry]:
@@ -140,10 +167,10 @@ class LocalStore:
         with self._write() as db:
             if name_or_key in entry.names:
                 db.execute("DELETE FROM names WHERE name=?", (name_or_key,))
-                if len(entry.names) > 1:
-                    return []
-            db.execute("DELETE FROM entries WHERE key=?", (entry.key,))
-        self._path(entry.key).unlink(missing_ok=True)
+                if db.execute("SELECT 1 FROM names WHERE key=? LIMIT 1", (entry.key,)).fetchone():
+                    return []  # other names still point to the entry
+            if not self._delete_entry(entry.key):
+                return []  # another process removed it meanwhile
         return [entry]
 
     def gc(self, max_bytes: int) -> list[Entry]:
@@ -153,19 +180,20 @@ class LocalStore:
         for entry in entries:
             if total <= max_bytes:
                 break
-            with self._write() as db:
-                db.execute("DELETE FROM entries WHERE key=?", (entry.key,))
-            self._path(entry.key).unlink(missing_ok=True)
+            with self._write():
+                deleted = self._delete_entry(entry.key)
             total -= entry.bytes
-            removed.append(entry)
+            if deleted:
+                removed.append(entry)
         return removed
 
     # ------------------------------------------------------------------- reads
 
     def resolve(self, name_or_key: str) -> Entry:
+        validate_name(name_or_key)  # keys are valid names too; anything else can name nothing here
         row = self._db.execute("SELECT key FROM names WHERE name=?", (name_or_key,)).fetchone()
         key = row[0] if row else None
-        if key is None and re.fullmatch(r"[0-9a-f]{6,40}", name_or_key):
+        if key is None and _KEY_PREFIX.fullmatch(name_or_key):
             keys = [r[0] for r in self._db.execute("SELECT key FROM entries WHERE key LIKE ?", (name_or_key + "%",))]
             if len(keys) > 1:
                 raise CacheNotFoundError(f"key prefix {name_or_key!r} is ambiguous ({len(keys)} entries): give more of the key")
@@ -183,67 +211,112 @@ class LocalStore:
         return self._guarded(entry, lambda path: read_token_ids(path))
 
     def restore(self, entry: Entry, tokens: int | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> RestoredCache:
-        restored = self._guarded(entry, lambda path: load_cache(path, tokens, device=device, dtype=dtype))
-        with self._write() as db:
-            db.execute("UPDATE entries SET hits=hits+1, last_used=? WHERE key=?", (time.time(), entry.key))
+        def read(path: Path) -> RestoredCache:
+            restored = load_cache(path, tokens, device=device, dtype=dtype)
+            _check_matches_entry(restored.metadata, entry, path)
+            return restored
+
+        restored = self._guarded(entry, read)
+        try:
+            with self._write() as db:
+                db.execute("UPDATE entries SET hits=hits+1, last_used=? WHERE key=?", (time.time(), entry.key))
+        except StoreError:
+            pass  # the cache is already in memory; a lost hit count is not worth failing the restore
         return restored
 
     def longest_prefix(self, token_ids: Sequence[int], fingerprint: str, kv_dtype: str) -> PrefixMatch | None:
         hashes = block_hashes(token_ids, chain_seed(fingerprint, kv_dtype, self.block_size), self.block_size)
         if not hashes:
             return None
-        # Chained hashes: the deepest matching block names the entries sharing the longest prefix.
-        marks = ",".join("?" * len(hashes))
-        rows = self._db.execute(
-            f"SELECT key, idx FROM blocks WHERE hash IN ({marks}) ORDER BY idx DESC, key LIMIT 8", hashes
-        ).fetchall()
+        # Chained hashes: a hash matches at its own position only, and the deepest matching
+        # block names every entry sharing the longest prefix. Each such entry shares
+        # between (depth+1) blocks and one token short of (depth+2) blocks, so no entry
+        # at a shallower depth can beat one at the deepest: look further down only when
+        # every entry at the deepest block turned out to be lost or corrupt.
+        depth = self._deepest_stored_block(hashes)
+        tried: set[str] = set()
+        while depth >= 0:
+            keys = [r[0] for r in self._db.execute("SELECT key FROM blocks WHERE hash=? ORDER BY key", (hashes[depth],))]
+            best = self._best_of(token_ids, [k for k in keys if k not in tried], depth)
+            if best is not None:
+                return best
+            tried.update(keys)
+            depth -= 1
+        return None
+
+    def _deepest_stored_block(self, hashes: list[str]) -> int:
+        """Index of the last of ``hashes`` found in the index, -1 if none: a binary search.
+
+        An entry stores every block hash of its prefix, so if block i is stored, so is
+        every block before it; a few indexed point queries find the deepest one, for
+        prompts of any length (no IN list to outgrow SQLite's parameter limit).
+        """
+        found, missing = -1, len(hashes)
+        while missing - found > 1:
+            mid = (found + missing) // 2
+            if self._db.execute("SELECT 1 FROM blocks WHERE hash=? LIMIT 1", (hashes[mid],)).fetchone():
+                found = mid
+            else:
+                missing = mid
+        return found
+
+    def _best_of(self, token_ids: Sequence[int], keys: list[str], depth: int) -> PrefixMatch | None:
+        """The candidate whose stored tokens share the most with ``token_ids`` (confirmed token by token)."""
+        ceiling = min(len(token_ids), (depth + 2) * self.block_size - 1)
         best: PrefixMatch | None = None
-        for key, idx in rows:
-            if best is not None and idx < rows[0][1]:
-                break
+        for key in keys:
             entry = self._entry(key)
-            if entry is None:
+            if entry is None or (best is not None and min(entry.tokens, ceiling) <= best.tokens):
                 continue
             try:
                 stored = self.token_ids(entry)
             except (CacheNotFoundError, CorruptCacheError):
-                continue  # already dropped or quarantined by _guarded; another row may still serve
+                continue  # already dropped or quarantined by _guarded; another entry may still serve
             shared = common_prefix_length(stored, token_ids)
             if shared > (best.tokens if best else 0):
                 best = PrefixMatch(entry, shared)
+                if shared >= ceiling:
+                    break  # nothing can share more
         return best
 
     def verify(self) -> VerifyReport:
         report = VerifyReport()
-        known = set()
+        # Hashing every file can take long, so it runs without the lock; each finding is
+        # acted on under the lock, and only if the file is still the one that was checked.
         for entry in self.entries():
             path = self._path(entry.key)
-            known.add(path.name)
-            if not path.is_file():
-                self._drop(entry.key)
-                report.removed_rows.append(entry.key)
+            seen = _file_id(path)
+            if seen is None:
+                if self._drop_if_missing(entry.key):
+                    report.removed_rows.append(entry.key)
                 continue
-            expected = self._db.execute("SELECT sha256 FROM entries WHERE key=?", (entry.key,)).fetchone()[0]
-            if _file_sha256(path) != expected:
-                self._quarantine(entry.key, path)
-                report.quarantined.append((entry.key, "checksum mismatch"))
+            row = self._db.execute("SELECT sha256 FROM entries WHERE key=?", (entry.key,)).fetchone()
+            if row is None:
+                continue  # removed meanwhile
+            if _file_sha256(path) != row[0]:
+                if self._quarantine(entry.key, path, seen):
+                    report.quarantined.append((entry.key, "checksum mismatch"))
             else:
                 report.ok.append(entry.key)
-        for path in sorted(self.entries_dir.iterdir()):
-            if path.name in known:
-                continue
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
-                if time.time() - path.stat().st_mtime > _STALE_TEMP_SECONDS:
-                    path.unlink(missing_ok=True)  # left by a build that died; a live one writes fresh files
-                continue
-            if self._row(path.stem) is None:
-                self._quarantine(None, path)
-                report.quarantined.append((path.name, "file without an index entry"))
+        # Files without a row: looked for under the lock, because a build publishes its
+        # file and its row in one locked step; outside it, a file could be caught between the two.
+        with self._write():
+            for path in sorted(self.entries_dir.iterdir()):
+                if path.name.startswith(".") and path.name.endswith(".tmp"):
+                    seen = _file_id(path)  # builds stage files without the lock: this one may be gone already
+                    if seen is not None and time.time() - seen[2] / 1e9 > _STALE_TEMP_SECONDS:
+                        path.unlink(missing_ok=True)  # left by a build that died; a live one writes fresh files
+                    continue
+                if path.suffix != ".safetensors" or self._row(path.stem) is None:
+                    self._move_to_quarantine(path)
+                    report.quarantined.append((path.name, "file without an index entry"))
         return report
 
     # ---------------------------------------------------------------- internal
 
     def _path(self, key: str) -> Path:
+        if not _KEY.fullmatch(key):  # an Entry can be built by hand; its key must not become a path elsewhere
+            raise CacheNotFoundError(f"{key!r} is not a cache key")
         return self.entries_dir / f"{key}.safetensors"
 
     def _row(self, key: str) -> tuple | None:
@@ -261,49 +334,110 @@ class LocalStore:
         blocks = self._db.execute("SELECT COUNT(*) FROM blocks WHERE key=?", (key,)).fetchone()[0]
         return Entry(*row[:10], sources=tuple(json.loads(row[10])), names=names, blocks=blocks)
 
-    def _guarded(self, entry: Entry, read):
+    def _complete(self, key: str) -> bool:
+        return self._row(key) is not None and self._path(key).is_file()
+
+    def _guarded(self, entry: Entry, read: Callable[[Path], _T]) -> _T:
         """Run a read of an entry's file; a missing file drops the row, a corrupt one is quarantined."""
         path = self._path(entry.key)
         label = entry.names[0] if entry.names else entry.key[:12]
+        seen = _file_id(path)
         try:
             return read(path)
         except CacheNotFoundError as exc:
-            self._drop(entry.key)
+            self._drop_if_missing(entry.key)
             raise CacheNotFoundError(f"cache {label!r} lost its file and was removed from the index: rebuild it") from exc
         except CorruptCacheError as exc:
-            self._quarantine(entry.key, path)
+            self._quarantine(entry.key, path, seen)
             raise CorruptCacheError(
-                f"cache {label!r} is corrupt ({str(exc).removeprefix(f'{path}: ')}); "
-                f"moved it to {self.quarantine_dir}: rebuild it with `cag build`"
+                f"cache {label!r} is corrupt ({exc}); moved it to {self.quarantine_dir}: rebuild it with `cag build`"
             ) from exc
 
-    def _drop(self, key: str) -> None:
-        with self._write() as db:
-            db.execute("DELETE FROM entries WHERE key=?", (key,))
+    def _delete_entry(self, key: str) -> bool:
+        """Delete an entry's row and file; call under the write lock."""
+        deleted = self._db.execute("DELETE FROM entries WHERE key=?", (key,)).rowcount > 0
+        if deleted:
+            self._path(key).unlink(missing_ok=True)
+        return deleted
 
-    def _quarantine(self, key: str | None, path: Path) -> None:
-        if key is not None:
-            self._drop(key)
+    def _drop_if_missing(self, key: str) -> bool:
+        """Drop the row of an entry whose file is gone, unless a build has put the file back meanwhile."""
+        with self._write() as db:
+            if self._path(key).exists():
+                return False
+            return db.execute("DELETE FROM entries WHERE key=?", (key,)).rowcount > 0
+
+    def _quarantine(self, key: str, path: Path, seen: tuple | None) -> bool:
+        """Move a corrupt entry's file aside and drop its row, if the file is still the one found corrupt."""
+        with self._write() as db:
+            if seen is not None and _file_id(path) not in (seen, None):
+                return False  # replaced by a fresh build since it was read
+            db.execute("DELETE FROM entries WHERE key=?", (key,))
+            self._move_to_quarantine(path)
+        return True
+
+    def _move_to_quarantine(self, path: Path) -> None:
         try:
             self.quarantine_dir.mkdir(exist_ok=True)
-            shutil.move(str(path), self.quarantine_dir / f"{path.name}.{int(time.time())}")
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            shutil.move(str(path), self.quarantine_dir / f"{path.name}.{stamp}-{uuid.uuid4().hex[:6]}")
         except FileNotFoundError:
             pass  # another process moved it first
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; IMMEDIATE takes the write lock up front, so concurrent writers queue."""
+        """One write transaction; IMMEDIATE takes the write lock up front, so concurrent writers queue.
+
+        Callables appended to ``self._undo`` inside the block run, still under the lock,
+        if the block or its commit fails: they take back file changes the rollback cannot.
+        """
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the store index in {self.root}: {exc}") from exc
+        self._undo: list[Callable[[], None]] = []
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
             self._db.execute("COMMIT")
+        except BaseException as exc:
+            for undo in reversed(self._undo):
+                undo()
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot write the store index in {self.root}: {exc}") from exc
+            raise
+        finally:
+            self._undo = []
+
+
+def _check_matches_entry(meta: CacheMetadata, entry: Entry, path: Path) -> None:
+    """The file's own header must agree with its index row (the header has no checksum of its own)."""
+    for field_name in ("fingerprint", "kv_dtype", "tokens"):
+        if getattr(meta, field_name) != getattr(entry, field_name):
+            raise CorruptCacheError(f"{path}: header {field_name} does not match the store index")
+
+
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _file_sha256(path: Path) -> str:

@@ -1,0 +1,526 @@
+"""Benchmark: time to first token with and without the cache, at several context lengths.
+
+For each context length one cache is built from a cut of the documents (the bundled
+corpus by default) and stored; then, side by side, the same question is timed
+
+* ``full``: re-prefilling the whole prompt (``ask(use_cache=False)``), the baseline;
+* ``restored_cold``: restoring the cache from disk with the file's pages dropped from
+  the page cache first (where the OS lets us), then asking;
+* ``restored_warm``: restoring it with the file in the page cache, then asking;
+* ``in_memory``: asking with the cache already in memory.
+
+It also measures per-question latency over a batch of questions against one cache,
+the cache's bytes per token on disk, and restore throughput next to a plain
+``safetensors`` read of the same file (the floor that disk and memory set here).
+
+Each time-to-first-token mode is one function in ``TTFT_MODES`` and one field of
+``BenchRow``: a new mode is one more of each. Nothing here prints; progress goes to
+an optional callback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .documents import Document
+from .errors import CagError, PromptError
+from .knowledge import KnowledgeBase, load, open_store
+from .kvcache import CacheMetadata, now_iso
+from .model import LoadedModel
+from .prefill import prefill
+from .prompt import PromptBuilder
+
+__all__ = [
+    "BenchError",
+    "BenchRow",
+    "TTFT_MODES",
+    "MODE_LABELS",
+    "DEFAULT_LENGTHS",
+    "bundled_corpus",
+    "bundled_questions",
+    "read_questions",
+    "fit_lengths",
+    "run_bench",
+    "machine_info",
+    "plot_rows",
+]
+
+DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
+_MB = 1e6  # throughput in MB/s means 10^6 bytes per second
+
+BenchProgress = Callable[[str, int, int], None]
+"""Called with (what is being measured, steps done, steps total)."""
+
+
+class BenchError(CagError):
+    """The benchmark cannot run as asked (no questions, no plotting library...)."""
+
+
+@dataclass
+class BenchRow:
+    """What one context length measured; times are medians over the repeats, in seconds."""
+
+    requested_tokens: int
+    context_tokens: int
+    ttft_full_s: float
+    ttft_restored_cold_s: float
+    ttft_restored_warm_s: float
+    ttft_in_memory_s: float
+    per_question_s: float  # mean answer time (up to max_new_tokens) over the questions, cache in memory
+    per_question_ttft_s: float
+    questions: int
+    max_new_tokens: int
+    prefill_tok_s: float  # prompt tokens / ttft_full_s
+    cache_bytes: int
+    bytes_per_token: float  # file bytes / context tokens: KV tensors, token ids and header
+    kv_bytes_per_token: float  # the KV tensors alone
+    restore_warm_s: float
+    restore_cold_s: float
+    restore_mb_s: float  # file bytes / warm restore seconds
+    restore_cold_mb_s: float
+    raw_read_mb_s: float | None  # file bytes / a plain safetensors.torch.load_file of it (warm)
+    cold_dropped: bool  # whether the file's pages were really out of the page cache for the cold runs
+    repeats: int
+    cache_name: str
+    model: str
+    device: str
+    threads: int
+
+    @property
+    def speedup_warm(self) -> float:
+        """How many times sooner the first token comes from a warm restore than from re-prefill."""
+        return self.ttft_full_s / self.ttft_restored_warm_s if self.ttft_restored_warm_s > 0 else math.inf
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        row["speedup_warm"] = self.speedup_warm
+        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+
+
+# ----------------------------------------------------------------------- inputs
+
+
+def bundled_corpus() -> list[Document]:
+    """The corpus shipped for benchmarks (a ~6,500-token report, in SmolLM2 tokens)."""
+    path = resources.files("cag") / "data" / "bench" / "corpus.md"
+    return [Document(source="corpus.md", text=path.read_text(encoding="utf-8"))]
+
+
+def bundled_questions() -> list[str]:
+    return read_questions(resources.files("cag") / "data" / "bench" / "questions.txt")
+
+
+def read_questions(path) -> list[str]:
+    """One question per line; blank lines and lines starting with # are skipped."""
+    source = path if hasattr(path, "read_text") else Path(path)  # a Path, or a package resource
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BenchError(f"cannot read questions file {path}: {exc.strerror or exc}") from exc
+    questions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not questions:
+        raise BenchError(f"questions file {path} holds no question: write one question per line")
+    return questions
+
+
+def fit_lengths(lm: LoadedModel, lengths: Sequence[int], questions: Sequence[str], max_new_tokens: int) -> list[int]:
+    """The requested context lengths, sorted, each clipped so the longest question and its answer still fit."""
+    if not lengths:
+        raise BenchError("no context length given: pass e.g. --lengths 512,1024")
+    if any(n <= 0 for n in lengths):
+        raise BenchError(f"context lengths must be positive, got {list(lengths)}")
+    builder = PromptBuilder(lm.tokenizer)
+    longest_question = max(len(builder.question_ids(q)) for q in _checked(questions))
+    room = lm.max_context - longest_question - max_new_tokens - 1
+    return sorted({min(int(n), room) for n in lengths})
+
+
+def _checked(questions: Sequence[str]) -> list[str]:
+    questions = [q for q in questions if q.strip()]
+    if not questions:
+        raise BenchError("no questions to ask: pass a questions file with one question per line")
+    return questions
+
+
+def _cut(documents: Sequence[Document], chars: int) -> list[Document]:
+    """The first ``chars`` characters of the documents.
+
+    When they run short, their text repeats inside the last document rather than as
+    new documents, whose wrappers would make the token count jump.
+    """
+    out: list[Document] = []
+    left = chars
+    for doc in documents:
+        take = min(left, len(doc.text))
+        out.append(Document(source=doc.source, text=doc.text[:take]))
+        left -= take
+        if left == 0:
+            break
+    if left > 0:
+        filler = "\n\n" + "\n\n".join(d.text for d in documents)
+        repeated = filler * (left // len(filler) + 1)
+        out[-1] = Document(source=out[-1].source, text=out[-1].text + repeated[:left])
+    return out
+
+
+def _context_of_length(builder: PromptBuilder, documents: Sequence[Document], tokens: int) -> list[int]:
+    """Context token ids of the longest cut of the documents that fits in ``tokens`` tokens.
+
+    Token counts grow with the number of characters (nearly monotonically, since BPE
+    merges only locally), so a binary search over the cut finds it in ~15 encodes.
+    """
+    count = lambda chars: builder.context_ids(_cut(documents, chars))  # noqa: E731
+    fixed = len(count(0))
+    if fixed >= tokens:
+        raise PromptError(
+            f"a context of {tokens} tokens is shorter than the prompt's fixed part ({fixed} tokens: instructions "
+            f"and chat template): ask for at least {fixed + 1}"
+        )
+    lo, hi = 0, max(1, sum(len(d.text) for d in documents))
+    while len(count(hi)) <= tokens:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len(count(mid)) <= tokens:
+            lo = mid
+        else:
+            hi = mid
+    return count(lo)
+
+
+# --------------------------------------------------------------- page cache
+
+
+def _drop_from_page_cache(path: Path) -> bool:
+    """Ask the OS to evict the file's pages; True only if none remain resident afterwards."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    resident = _resident_fraction(path)
+    # Without mincore we cannot check; the advice was accepted, so trust it.
+    return resident is None or resident == 0.0
+
+
+def _resident_fraction(path: Path) -> float | None:
+    """Share of the file's pages in the page cache (Linux mincore), None where it cannot be asked."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        size = path.stat().st_size
+        if size == 0:
+            return 0.0
+        page = os.sysconf("SC_PAGE_SIZE")
+        pages = (size + page - 1) // page
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            prot_read, map_shared = 1, 1
+            addr = libc.mmap(None, size, prot_read, map_shared, fd, 0)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                return None
+            try:
+                vec = (ctypes.c_ubyte * pages)()
+                if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                    return None
+                return sum(v & 1 for v in vec) / pages
+            finally:
+                libc.munmap(ctypes.c_void_p(addr), size)
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------- measurements
+
+
+@dataclass
+class _Target:
+    """Everything the measurements of one context length share."""
+
+    lm: LoadedModel
+    store: object
+    kb: KnowledgeBase  # holds the context cache in memory
+    path: Path | None  # the cache file, where the store keeps one on this machine
+    question: str
+    repeats: int
+    cold_dropped: list[bool] = field(default_factory=list)
+    restore_warm: list[float] = field(default_factory=list)
+    restore_cold: list[float] = field(default_factory=list)
+
+
+def _ttft_full(t: _Target) -> float:
+    return t.kb.ask(t.question, max_new_tokens=1, use_cache=False).ttft_s
+
+
+def _ttft_in_memory(t: _Target) -> float:
+    return t.kb.ask(t.question, max_new_tokens=1).ttft_s
+
+
+def _ttft_restored(t: _Target, cold: bool) -> float:
+    """Restore into a fresh knowledge base, then ask: the restore is part of the wait."""
+    if cold:
+        t.cold_dropped.append(t.path is not None and _drop_from_page_cache(t.path))
+    kb = load(t.kb.key, model=t.lm, store=t.store)
+    start = time.perf_counter()
+    kb.cache  # noqa: B018 -- restores; the wall clock includes the store's index update
+    restore_wall = time.perf_counter() - start
+    (t.restore_cold if cold else t.restore_warm).append(kb.restore_s)
+    return restore_wall + kb.ask(t.question, max_new_tokens=1).ttft_s
+
+
+def _ttft_restored_warm(t: _Target) -> float:
+    return _ttft_restored(t, cold=False)
+
+
+def _ttft_restored_cold(t: _Target) -> float:
+    return _ttft_restored(t, cold=True)
+
+
+# Row field -> measurement of one time to first token. Order is run order: the warm
+# restore follows a read of the file, and the cold one evicts it.
+TTFT_MODES: dict[str, Callable[[_Target], float]] = {
+    "ttft_in_memory_s": _ttft_in_memory,
+    "ttft_full_s": _ttft_full,
+    "ttft_restored_warm_s": _ttft_restored_warm,
+    "ttft_restored_cold_s": _ttft_restored_cold,
+}
+
+# Labels for tables and plots.
+MODE_LABELS: dict[str, str] = {
+    "ttft_full_s": "full re-prefill",
+    "ttft_restored_cold_s": "restored (cold)",
+    "ttft_restored_warm_s": "restored (warm)",
+    "ttft_in_memory_s": "in memory",
+}
+
+
+def _raw_read_seconds(path: Path) -> float:
+    """A plain safetensors read of the whole file: what any restore of it must at least cost."""
+    from safetensors.torch import load_file
+
+    start = time.perf_counter()
+    load_file(str(path))
+    return time.perf_counter() - start
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _entry_path(store, entry) -> Path | None:
+    """The file holding an entry, for stores that keep files on this machine."""
+    if hasattr(store, "path"):
+        return Path(store.path(entry))
+    if hasattr(store, "entries_dir"):
+        path = Path(store.entries_dir) / f"{entry.key}.safetensors"
+        return path if path.is_file() else None
+    return None
+
+
+# ----------------------------------------------------------------------- run
+
+
+def run_bench(
+    lm: LoadedModel,
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    questions: Sequence[str] | None = None,
+    *,
+    documents: Sequence[Document] | None = None,
+    store=None,
+    home: str | os.PathLike | None = None,
+    max_new_tokens: int = 16,
+    repeats: int = 3,
+    on_progress: BenchProgress | None = None,
+) -> list[BenchRow]:
+    """Measure every mode at every context length (clipped to the model's window); one row per length.
+
+    Caches are stored as ``bench-<tokens>`` in the store (``home``'s local store by
+    default), so the numbers describe the same files ``cag ask`` would read.
+    """
+    questions = _checked(bundled_questions() if questions is None else questions)
+    documents = list(documents) if documents else bundled_corpus()
+    if repeats < 1:
+        raise BenchError(f"repeats must be at least 1, got {repeats}")
+    if max_new_tokens < 1:
+        raise BenchError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    targets = fit_lengths(lm, lengths, questions, max_new_tokens)
+    store = open_store(home, store)
+    builder = PromptBuilder(lm.tokenizer)
+    steps_per_length = 3 + len(TTFT_MODES) * repeats + 1
+    total = steps_per_length * len(targets)
+    done = 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        if on_progress is not None:
+            on_progress(what, done, total)
+        done += 1
+
+    rows = []
+    for tokens in targets:
+        step(f"{tokens} tokens: cutting the documents")
+        ids = _context_of_length(builder, documents, tokens)
+        step(f"{tokens} tokens: prefilling and storing the cache")
+        kb = _build_cache(lm, store, ids, f"bench-{tokens}")
+        path = _entry_path(store, kb.entry)
+        target = _Target(lm, store, kb, path, questions[0], repeats)
+        step(f"{tokens} tokens: warming up")
+        kb.ask(questions[0], max_new_tokens=1)  # first call at a new length pays one-off allocations
+        raw = []
+        if path is not None:
+            _raw_read_seconds(path)  # untimed: puts the file in the page cache
+            raw = [_raw_read_seconds(path) for _ in range(repeats)]
+        times: dict[str, float] = {}
+        for column, measure in TTFT_MODES.items():
+            runs = []
+            for r in range(repeats):
+                step(f"{tokens} tokens: {MODE_LABELS.get(column, column)} ({r + 1}/{repeats})")
+                runs.append(measure(target))
+            times[column] = _median(runs)
+        step(f"{tokens} tokens: {len(questions)} questions against the cache in memory")
+        answers = kb.ask_many(questions, max_new_tokens=max_new_tokens)
+        rows.append(_row(lm, kb, ids, tokens, path, times, raw, target, answers, max_new_tokens, repeats))
+    if on_progress is not None:
+        on_progress("done", total, total)
+    return rows
+
+
+def _build_cache(lm: LoadedModel, store, ids: list[int], name: str) -> KnowledgeBase:
+    """Prefill the context and store it; the knowledge base keeps the cache in memory."""
+    cache = prefill(lm, ids).cache
+    metadata = CacheMetadata(
+        model_name=lm.name,
+        fingerprint=lm.fingerprint,
+        tokenizer_hash=lm.tokenizer_hash,
+        kv_dtype=str(lm.dtype).removeprefix("torch."),
+        tokens=len(ids),
+        boundary=len(ids),
+        num_layers=len(cache.layers),
+        sources=("cag bench",),
+        created=now_iso(),
+    )
+    entry = store.put(cache, ids, metadata, name=name)
+    return KnowledgeBase(lm, store, entry, cache=cache, context_ids=ids)
+
+
+def _row(lm, kb, ids, requested, path, times, raw, target: _Target, answers, max_new_tokens, repeats) -> BenchRow:
+    size = path.stat().st_size if path is not None else kb.entry.bytes
+    kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in
+                   ((layer.keys, layer.values) for layer in kb.cache.layers))
+    prompt_tokens = len(ids) + len(kb.prompt.question_ids(target.question))
+    restore_warm = _median(target.restore_warm)
+    restore_cold = _median(target.restore_cold)
+    return BenchRow(
+        requested_tokens=requested,
+        context_tokens=len(ids),
+        ttft_full_s=times["ttft_full_s"],
+        ttft_restored_cold_s=times["ttft_restored_cold_s"],
+        ttft_restored_warm_s=times["ttft_restored_warm_s"],
+        ttft_in_memory_s=times["ttft_in_memory_s"],
+        per_question_s=statistics.fmean(a.total_s for a in answers),
+        per_question_ttft_s=statistics.fmean(a.ttft_s for a in answers),
+        questions=len(answers),
+        max_new_tokens=max_new_tokens,
+        prefill_tok_s=prompt_tokens / times["ttft_full_s"],
+        cache_bytes=size,
+        bytes_per_token=size / len(ids),
+        kv_bytes_per_token=kv_bytes / len(ids),
+        restore_warm_s=restore_warm,
+        restore_cold_s=restore_cold,
+        restore_mb_s=size / restore_warm / _MB,
+        restore_cold_mb_s=size / restore_cold / _MB,
+        raw_read_mb_s=size / _median(raw) / _MB if raw else None,
+        cold_dropped=bool(target.cold_dropped) and all(target.cold_dropped),
+        repeats=repeats,
+        cache_name=f"bench-{requested}",
+        model=lm.name,
+        device=str(lm.device),
+        threads=torch.get_num_threads(),
+    )
+
+
+# ------------------------------------------------------------------- report
+
+
+def machine_info() -> dict[str, object]:
+    """What the numbers depend on: CPU, cores, torch threads, GPU, library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "os": f"{platform.system()} {platform.release()}",
+    }
+
+
+def plot_rows(rows: Sequence[BenchRow], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Draw time to first token against context length, one line per mode, into a PNG."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise BenchError("plotting needs matplotlib: pip install matplotlib (or pip install 'cag[eval]')") from None
+    if not rows:
+        raise BenchError("nothing to plot: the benchmark produced no rows")
+    # The object API draws without pyplot, so no GUI backend is chosen and a
+    # notebook's inline backend is left alone.
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    x = [r.context_tokens for r in rows]
+    for column, label in MODE_LABELS.items():
+        ax.plot(x, [getattr(r, column) for r in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"{n:,}" for n in x])
+    ax.minorticks_off()
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(title or f"cag bench: {rows[0].model} on {rows[0].device}")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    except OSError as exc:
+        raise BenchError(f"cannot write the plot to {path}: {exc.strerror or exc}") from exc
+    return path

@@ -1,0 +1,128 @@
+"""``cag bench``: time to first token with and without the cache, at several context lengths."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import ui
+
+
+def bench(
+    docs: Optional[List[str]] = typer.Argument(None, help="Documents to cut contexts from (default: the bundled corpus)."),
+    lengths: str = typer.Option("512,1024,2048,4096", "--lengths", "-l",
+                                help="Context lengths in tokens, comma-separated (1k = 1024); clipped to the model's window."),
+    questions: Optional[Path] = typer.Option(None, "--questions", "-q", help="File with one question per line (default: bundled)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: 'smollm2' (embedded default), a local folder or a Hugging Face id."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Tokens per answer in the per-question timing."),
+    repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Runs per measurement; the median is reported."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per context length on stdout."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of time to first token against context length."),
+    home: Optional[Path] = typer.Option(None, "--home", help="Cache home (default $CAG_HOME or ~/.cache/cag).", envvar="CAG_HOME"),
+) -> None:
+    """Measure time to first token (re-prefill, restored cold/warm, in memory), restore speed and cache size."""
+    import cag
+    from cag import bench as lib
+
+    wanted = _parse_lengths(lengths)
+    with ui.one_line_errors():
+        asked = lib.read_questions(questions) if questions is not None else lib.bundled_questions()
+        documents = cag.load_documents(docs) if docs else None
+        with ui.status("Loading model (the first run converts the embedded model, ~30 s)…", quiet=json_out):
+            lm = cag.load_model(model, home=home)
+        fitted = lib.fit_lengths(lm, wanted, asked, max_new_tokens)
+        if not json_out and max(wanted) > max(fitted):
+            ui.err.print(f"[yellow]note:[/] lengths above {max(fitted):,} tokens clipped to fit the model's "
+                         f"{lm.max_context:,}-token window with a question and its answer")
+        with _progress(quiet=json_out) as on_progress:
+            rows = lib.run_bench(lm, fitted, asked, documents=documents, home=home, max_new_tokens=max_new_tokens,
+                                 repeats=repeats, on_progress=on_progress)
+        if plot is not None:
+            lib.plot_rows(rows, plot)
+    if json_out:
+        for row in rows:
+            ui.print_json(row.to_dict())
+        return
+    for table in _tables(rows, lib.machine_info()):
+        ui.out.print(table)
+    if plot is not None:
+        ui.out.print(f"plot written to {plot}")
+
+
+def _parse_lengths(text: str) -> list[int]:
+    lengths = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\d+)\s*([kK]?)", part)
+        if not match or int(match.group(1)) <= 0:
+            raise typer.BadParameter(f"cannot read context length {part!r}: use e.g. 512,1024,2k", param_hint="--lengths")
+        lengths.append(int(match.group(1)) * (1024 if match.group(2) else 1))
+    if not lengths:
+        raise typer.BadParameter("give at least one context length, e.g. 512,1024", param_hint="--lengths")
+    return lengths
+
+
+class _progress:
+    """A rich progress bar fed by run_bench's (what, done, total) callback."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=ui.err, transient=True)
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        self.bar.__enter__()
+        task = self.bar.add_task("benchmark", total=None)
+        return lambda what, done, total: self.bar.update(task, description=what, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if not self.quiet:
+            self.bar.__exit__(*exc)
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:,.0f} ms" if value < 1 else f"{value:,.2f} s"
+
+
+def _mb_s(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
+
+
+def _tables(rows, machine: dict) -> list[Table]:
+    """Two tables that each fit an 80-column terminal: the waits, then the cache on disk."""
+    first = rows[0]
+    cold_note = "" if all(r.cold_dropped for r in rows) else "; * cold run found the file still in the page cache"
+    ttft = Table(title="time to first token", caption=(
+        "full: re-prefill of context and question; cold, warm: cache restored from disk with the file "
+        "out of / in the page cache; in memory: cache already loaded; speed-up: full / warm. "
+        f"{first.model} on {first.device} ({machine['cpu']}, {machine['cores']} cores, {first.threads} torch threads); "
+        f"medians of {first.repeats} run(s); per question: mean over {first.questions} questions, "
+        f"up to {first.max_new_tokens} new tokens each{cold_note}"))
+    for header in ("context", "full", "cold", "warm", "in memory", "speed-up", "per question"):
+        ttft.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        ttft.add_row(
+            f"{r.context_tokens:,}",
+            _seconds(r.ttft_full_s),
+            _seconds(r.ttft_restored_cold_s) + ("" if r.cold_dropped else " *"),
+            _seconds(r.ttft_restored_warm_s),
+            _seconds(r.ttft_in_memory_s),
+            f"{r.speedup_warm:,.1f}×",
+            _seconds(r.per_question_s),
+        )
+    disk = Table(title="cache on disk", caption=(
+        "prefill: tokens/s of the full re-prefill; restore, cold, raw read: MB/s (10^6 bytes) of a warm restore, "
+        "a cold restore, and a plain safetensors.torch.load_file of the same file (warm)"))
+    for header in ("context", "prefill", "size", "bytes/token", "restore", "cold", "raw read"):
+        disk.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        disk.add_row(f"{r.context_tokens:,}", f"{r.prefill_tok_s:,.0f}", ui.human_size(r.cache_bytes),
+                     f"{r.bytes_per_token:,.0f}", _mb_s(r.restore_mb_s), _mb_s(r.restore_cold_mb_s),
+                     _mb_s(r.raw_read_mb_s))
+    return [ttft, disk]

@@ -1,0 +1,138 @@
+"""`cag bench` end to end on the tiny model: rows, JSON fields, plot, bad input. No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from cag.bench import BenchError, bundled_questions, fit_lengths, read_questions, run_bench
+from cag.cli.main import app
+from cag.documents import Document
+from cag.errors import PromptError
+from cag.knowledge import open_store
+
+runner = CliRunner()
+
+DOCUMENTED_FIELDS = {
+    "context_tokens", "ttft_full_s", "ttft_restored_cold_s", "ttft_restored_warm_s", "ttft_in_memory_s",
+    "bytes_per_token", "restore_mb_s", "raw_read_mb_s", "per_question_s", "prefill_tok_s", "cold_dropped",
+}
+TIMES = ("ttft_full_s", "ttft_restored_cold_s", "ttft_restored_warm_s", "ttft_in_memory_s", "per_question_s",
+         "per_question_ttft_s", "restore_warm_s", "restore_cold_s")
+RATES = ("prefill_tok_s", "restore_mb_s", "restore_cold_mb_s", "raw_read_mb_s")
+
+
+def _kv_bytes_per_token(lm) -> int:
+    config = lm.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = lm.model.dtype.itemsize
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
+
+
+def _assert_sane(row: dict, requested: int, kv_per_token: int) -> None:
+    assert DOCUMENTED_FIELDS <= row.keys()
+    # The cut is the longest that fits: at most the requested length, and only a few tokens short of it.
+    assert requested - 8 <= row["context_tokens"] <= requested
+    for name in TIMES + RATES:
+        assert isinstance(row[name], float) and math.isfinite(row[name]) and row[name] > 0, (name, row[name])
+    assert row["per_question_s"] >= row["per_question_ttft_s"]  # an answer's time includes its first token
+    assert isinstance(row["cold_dropped"], bool)
+    # On disk: the KV tensors, one int64 token id per token, and a header of a few hundred bytes.
+    assert row["kv_bytes_per_token"] == kv_per_token
+    assert kv_per_token + 8 < row["bytes_per_token"] < kv_per_token + 8 + 4096 / row["context_tokens"] * 4
+    assert row["cache_bytes"] == pytest.approx(row["bytes_per_token"] * row["context_tokens"])
+
+
+def test_run_bench_measures_every_mode(tiny, home):
+    questions = bundled_questions()[:3]
+    events = []
+    rows = run_bench(tiny, [384, 256], questions, home=home, max_new_tokens=2, repeats=2,
+                     on_progress=lambda what, done, total: events.append((what, done, total)))
+
+    assert [r.requested_tokens for r in rows] == [256, 384]
+    for row in rows:
+        _assert_sane(row.to_dict(), row.requested_tokens, _kv_bytes_per_token(tiny))
+        assert row.questions == 3 and row.repeats == 2 and row.model == tiny.name
+
+    # Each cache is stored under its bench name and holds exactly the measured context.
+    store = open_store(home)
+    for row in rows:
+        entry = store.resolve(row.cache_name)
+        assert entry.tokens == entry.boundary == row.context_tokens
+        assert entry.bytes == row.cache_bytes
+        text = tiny.tokenizer.decode(store.token_ids(entry))
+        assert "Corvane Aerostructures" in text  # cut from the bundled corpus, from its start
+
+    dones = [done for _, done, _ in events]
+    assert dones == sorted(dones) and events[-1][1] == events[-1][2] > 0
+    assert len({total for _, _, total in events}) == 1
+
+
+def test_short_documents_are_repeated_to_reach_the_length(tiny, home):
+    docs = [Document(source="note.md", text="Badges are issued at the front desk. ")]
+    (row,) = run_bench(tiny, [300], ["Where are badges issued?"], documents=docs, home=home, max_new_tokens=1, repeats=1)
+    assert 292 <= row.context_tokens <= 300
+    entry = open_store(home).resolve("bench-300")
+    assert tiny.tokenizer.decode(open_store(home).token_ids(entry)).count("Badges are issued") > 3
+
+
+def test_lengths_are_clipped_to_the_window_and_deduplicated(tiny):
+    questions = ["Where are badges issued?", "Who approves travel above 500 crowns, and when?"]
+    fitted = fit_lengths(tiny, [5000, 256, 256, 100_000], questions, max_new_tokens=16)
+    assert fitted[0] == 256 and len(fitted) == 2
+    longest = max(len(tiny.tokenizer(q)["input_ids"]) for q in questions)
+    assert fitted[1] + longest + 16 < tiny.max_context
+    assert fitted[1] > tiny.max_context - 200  # clipped, not dropped
+
+
+def test_a_length_below_the_fixed_prompt_is_refused(tiny, home):
+    with pytest.raises(PromptError, match="fixed part"):
+        run_bench(tiny, [16], ["Where are badges issued?"], home=home, repeats=1)
+
+
+def test_bad_arguments_are_refused(tiny, home, tmp_path):
+    with pytest.raises(BenchError, match="no questions"):
+        run_bench(tiny, [256], [], home=home)
+    with pytest.raises(BenchError, match="repeats"):
+        run_bench(tiny, [256], ["Where?"], home=home, repeats=0)
+    empty = tmp_path / "questions.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(BenchError, match="no question"):
+        read_questions(empty)
+
+
+def test_cli_json_and_plot(tiny_dir, home, tmp_path):
+    questions = tmp_path / "q.txt"
+    questions.write_text("# bench questions\nWhere are badges issued?\nWho approves travel?\n")
+    plot = tmp_path / "plots" / "ttft.png"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--lengths", "256,384", "--repeats", "1",
+                                 "--max-new-tokens", "2", "--questions", str(questions), "--json",
+                                 "--plot", str(plot), "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["requested_tokens"] for r in rows] == [256, 384]
+    from conftest import make_tiny_model
+
+    kv = _kv_bytes_per_token(make_tiny_model())
+    for row in rows:
+        _assert_sane(row, row["requested_tokens"], kv)
+        assert row["questions"] == 2 and row["max_new_tokens"] == 2
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_table_and_bad_lengths(tiny_dir, home, docs):
+    result = runner.invoke(app, ["bench", str(docs), "--model", str(tiny_dir), "--lengths", "0.25k,300", "--home", str(home)])
+    assert result.exit_code != 0 and "cannot read context length '0.25k'" in result.output
+
+    result = runner.invoke(app, ["bench", str(docs), "--model", str(tiny_dir), "--lengths", "8", "--home", str(home)])
+    assert result.exit_code == 1
+    assert "fixed part" in result.output and "Traceback" not in result.output
+
+    result = runner.invoke(app, ["bench", str(docs), "--model", str(tiny_dir), "--lengths", "300,2k", "--repeats", "1",
+                                 "--max-new-tokens", "1", "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    assert "time to first token" in result.stdout and "cache on disk" in result.stdout
+    assert "clipped" in result.output  # 2k does not fit the tiny model's 1,024-token window
