@@ -8,7 +8,9 @@ questions against the restored cache::
     print(kb.ask("What is the refund policy?").text)
 """
 
-from .documents import Document, load_documents
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from .errors import (
     CacheMismatchError,
     CacheNotFoundError,
@@ -21,9 +23,43 @@ from .errors import (
     PromptError,
     StoreError,
 )
-from .knowledge import Answer, BuildReport, KnowledgeBase, build, load
-from .model import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
-from .prompt_cache import CachedGeneration, PromptCache
+
+# The heavy parts (torch, transformers) load on first use, so `cag --help` and
+# `import cag.errors` stay fast.
+_LAZY = {
+    "Document": "documents",
+    "load_documents": "documents",
+    "Answer": "knowledge",
+    "BuildReport": "knowledge",
+    "KnowledgeBase": "knowledge",
+    "build": "knowledge",
+    "load": "knowledge",
+    "DEFAULT_MODEL": "model",
+    "LoadedModel": "model",
+    "load_model": "model",
+    "wrap_model": "model",
+    "CachedGeneration": "prompt_cache",
+    "PromptCache": "prompt_cache",
+}
+
+if TYPE_CHECKING:
+    from .documents import Document, load_documents
+    from .knowledge import Answer, BuildReport, KnowledgeBase, build, load
+    from .model import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+    from .prompt_cache import CachedGeneration, PromptCache
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cag' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 

@@ -5,15 +5,15 @@ question to it (transformers' ``DynamicCache`` concatenates the whole cache on e
 step) costs a copy of the context per generated token, and batching questions the
 usual way needs the context repeated once per row. Here the context is never written:
 
-* ``SharedPrefixCache`` keeps the context's keys and values as they are (batch 1) and
+* ``SharedPrefixCache`` keeps the context's keys and values as they are (batch 1, any
+  dtype: a bfloat16 context is read as bfloat16, never converted whole) and
   writes each row's question and answer tokens into a small preallocated suffix
   buffer, so a step copies only its own new keys and values;
 * ``shared_prefix_attention`` (registered with transformers' ``AttentionInterface``)
   attends every row's queries to the shared context in one matrix product, folding the
   batch and the query heads of a key/value group into rows, so the context's keys and
-  values are read once per step however many questions run, then attends each row to
-  its own suffix under a padding and causal mask, and merges the two softmaxes by
-  their log-sum-exp;
+  values are read once per step however many questions run, scores each row against
+  its own suffix under a padding and causal mask, and takes one softmax over both;
 * ``SharedPrefixBatch`` does the bookkeeping: left padding, position ids, masks, and
   dropping rows that have finished.
 
@@ -25,6 +25,7 @@ sinks, no attention-backend support) are detected, and callers fall back to the 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -117,7 +118,7 @@ class _SuffixLayer(DynamicLayer):
 
 
 class SharedPrefixCache(DynamicCache):
-    """A ``DynamicCache`` for ``batch`` rows that all continue ``prefix``, which is never modified.
+    """A ``DynamicCache`` for rows that all continue ``prefix``, which is never modified.
 
     ``get_seq_length()`` counts the prefix and the rows' suffix (padding included), as
     transformers expects; the keys and values returned to attention are the suffix only,
@@ -187,75 +188,98 @@ def shared_prefix_attention(
     kv_heads = key.shape[1]
     if heads % kv_heads:
         raise UnsupportedAttention(f"{heads} query heads do not group over {kv_heads} key/value heads")
-    group = heads // kv_heads
+    mask = _suffix_mask(attention_mask, key.shape[-2])
     scale = scaling if scaling is not None else dim**-0.5
-    # Query head h reads key/value head h // group: fold each group's heads and tokens into rows.
-    q = (query * scale).reshape(batch, kv_heads, group * q_len, dim)
-
-    out, top, total = _suffix_part(q, key, value, attention_mask, group)
-    if layer.prefix_keys is not None:
-        rows = q.transpose(0, 1).reshape(kv_heads, batch * group * q_len, dim)
-        p_out, p_top, p_total = _prefix_part(rows, layer.prefix_keys, layer.prefix_values)
-        p_out, p_top, p_total = (t.reshape(kv_heads, batch, group * q_len, -1).transpose(0, 1) for t in (p_out, p_top, p_total))
-        top_all = torch.maximum(top, p_top)
-        w_suffix = (top - top_all).exp_()
-        w_prefix = (p_top - top_all).exp_()
-        out = (out * w_suffix + p_out * w_prefix) / (total * w_suffix + p_total * w_prefix)
-    else:
-        out = out / total
-    out = out.reshape(batch, kv_heads, group, q_len, -1).reshape(batch, heads, q_len, -1)
-    return out.transpose(1, 2).contiguous().to(query.dtype), None
+    # Bound the scores' memory when a long prompt meets a long context: slices of query tokens.
+    width = layer.prefix_length + key.shape[-2]
+    step = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * heads * width))
+    parts = [
+        _attend(query[:, :, i : i + step], key, value, None if mask is None else mask[:, :, i : i + step],
+                layer.prefix_keys, layer.prefix_values, scale)
+        for i in range(0, q_len, step)
+    ]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out.to(query.dtype), None
 
 
-def _softmax_parts(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unnormalised softmax(scores) @ values, with the row maxima and sums that normalise and merge it."""
-    top = scores.amax(-1, keepdim=True)
-    weights = scores.sub_(top).exp_()
-    total = weights.sum(-1, keepdim=True)
-    return torch.matmul(weights.to(values.dtype), values).to(top.dtype), top, total
+def _suffix_mask(mask: torch.Tensor | None, suffix: int) -> torch.Tensor | None:
+    """The mask as [B, 1, L, suffix] booleans (True attends)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:  # an additive mask: 0 where attending
+        mask = mask == 0
+    return mask[..., -suffix:]  # a mask over prefix and suffix (another caller's): the suffix's columns
 
 
-def _suffix_part(q, key, value, mask, group):
-    scores = torch.matmul(q, key.transpose(-1, -2).to(q.dtype)).float()
+def _attend(query, key, value, mask, prefix_keys, prefix_values, scale) -> torch.Tensor:
+    """softmax over [prefix scores | suffix scores] in one pass; returns [B, L, heads, dim].
+
+    Query head h reads key/value head h // group, so each group's heads and tokens are
+    folded into rows: [B, kv_heads, group * L, dim]. For the prefix, the batch is folded
+    in too, so one matrix product per key/value head reads the prefix once for all rows.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    group, rows = heads // kv_heads, heads // kv_heads * q_len
+    q = (query * scale).reshape(batch, kv_heads, rows, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2).to(q.dtype))
     if mask is not None:
-        batch, _, q_len, s_len = mask.shape
-        rows = mask[:, :, None].expand(batch, 1, group, q_len, s_len).reshape(batch, 1, group * q_len, s_len)
-        scores.masked_fill_(~rows, float("-inf"))
-    return _softmax_parts(scores, value)
-
-
-def _prefix_part(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
-    """``rows`` [kv_heads, R, dim] against the prefix [1, kv_heads, N, dim], in slices of rows if large."""
-    keys_t, values = keys[0].transpose(-1, -2), values[0]
-    if rows.dtype != keys.dtype:
-        rows = rows.to(keys.dtype)  # a reduced-precision prefix is read as it is, never converted whole
-    heads, count, _ = rows.shape
-    step = max(1, _MAX_SCORE_ELEMENTS // max(1, heads * keys.shape[-2]))
-    parts = [_softmax_parts(torch.matmul(rows[:, i : i + step], keys_t).float(), values) for i in range(0, count, step)]
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(torch.cat(items, dim=1) for items in zip(*parts))
+        _, _, m_len, s_len = mask.shape
+        folded = mask[:, :, None].expand(mask.shape[0], 1, group, m_len, s_len).reshape(mask.shape[0], 1, rows, s_len)
+        scores.masked_fill_(~folded, float("-inf"))
+    if prefix_keys is None:
+        out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(value.dtype), value)
+    else:
+        n = prefix_keys.shape[-2]
+        # A reduced-precision prefix (bfloat16) is read as it is, never converted whole.
+        flat = q.transpose(0, 1).reshape(kv_heads, batch * rows, dim).to(prefix_keys.dtype)
+        prefix_scores = torch.matmul(flat, prefix_keys[0].transpose(-1, -2))
+        prefix_scores = prefix_scores.view(kv_heads, batch, rows, n).transpose(0, 1)
+        weights = torch.softmax(torch.cat([prefix_scores.float(), scores.float()], dim=-1), dim=-1)
+        out = torch.matmul(weights[..., n:].to(value.dtype), value)
+        prefix_weights = weights[..., :n].transpose(0, 1).reshape(kv_heads, batch * rows, n).to(prefix_values.dtype)
+        out += torch.matmul(prefix_weights, prefix_values[0]).view(kv_heads, batch, rows, -1).transpose(0, 1).to(out.dtype)
+    out = out.reshape(batch, kv_heads, group, q_len, -1).reshape(batch, heads, q_len, -1)
+    return out.transpose(1, 2).contiguous()
 
 
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
+    # Other callers of a model while it is swapped over build their masks as for SDPA,
+    # which is what the attention does for them.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 _register()
 
+_swap_lock = threading.Lock()
+_swapped: dict[int, tuple[str | None, int]] = {}  # id(config) -> (implementation before, calls inside)
+
 
 @contextlib.contextmanager
 def _attention_swapped(model) -> Iterator[None]:
-    """Route the model's attention through ``shared_prefix_attention`` for the calls inside."""
+    """Route the model's attention through ``shared_prefix_attention`` for the calls inside.
+
+    Counted per config, so overlapping calls from several threads restore the original
+    implementation only when the last one leaves.
+    """
     config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
+    with _swap_lock:
+        before, depth = _swapped.get(id(config), (config._attn_implementation, 0))
+        _swapped[id(config)] = (before, depth + 1)
+        config._attn_implementation = ATTENTION_NAME
     try:
         yield
     finally:
-        config._attn_implementation = before
+        with _swap_lock:
+            before, depth = _swapped.pop(id(config))
+            if depth > 1:
+                _swapped[id(config)] = (before, depth - 1)
+            else:
+                config._attn_implementation = before
 
 
 # --------------------------------------------------------------------- support
@@ -342,7 +366,7 @@ class SharedPrefixBatch:
         mask = None
         if q_len > 1 or bool((self._pad > 0).any()):
             mask = self._mask(columns)
-        with _attention_swapped(self.lm.model):
+        with torch.inference_mode(), _attention_swapped(self.lm.model):
             out = self.lm.model(
                 input_ids=ids,
                 position_ids=positions,

@@ -58,6 +58,14 @@ class TextStream:
     def text(self) -> str:
         return self._tokenizer.decode(self._ids, skip_special_tokens=True)
 
+    def flush(self) -> None:
+        """At the end: emit what is left, even a character whose other half never came."""
+        if self._on_text is not None:
+            text = self.text()
+            if len(text) > self._emitted:
+                self._on_text(text[self._emitted :])
+                self._emitted = len(text)
+
 
 def _generator(temperature: float, seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if (temperature > 0 and seed is not None) else None
@@ -172,6 +180,7 @@ def _generate_shared(
             if finish is None:
                 keep.append(row)
             else:
+                streams[index].flush()
                 results[index] = Generation(streams[index].token_ids, streams[index].text(), finish, prefill_s,
                                             time.perf_counter() - start)
         if not keep:
@@ -196,6 +205,7 @@ def _push(stream: TextStream, token: int, limit: int, eos: Sequence[int]) -> str
     return "length" if len(stream._ids) >= limit else None
 
 
+@torch.inference_mode()
 def _generate_appending(
     lm: LoadedModel,
     cache: DynamicCache,
@@ -219,6 +229,7 @@ def _generate_appending(
         while True:
             finish = _push(stream, _pick(logits, temperature, generator), max_new_tokens, lm.eos_token_ids)
             if finish is not None:
+                stream.flush()
                 break
             device_ids.fill_(stream._ids[-1])
             out = lm.model(input_ids=device_ids, past_key_values=cache, use_cache=True)

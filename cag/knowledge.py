@@ -10,7 +10,8 @@ from typing import Callable, Iterable, Sequence, TextIO
 import torch
 from transformers import DynamicCache
 
-from .documents import load_documents
+from .batch import supports_shared_prefix
+from .documents import Document, load_documents
 from .errors import CacheMismatchError, ContextTooLongError, ModelError
 from .generate import Generation, generate, generate_batch
 from .home import store_dir
@@ -149,11 +150,19 @@ class KnowledgeBase:
         The restore time is added to the next cached answer's time to first token.
         """
         if self._cache is None:
-            restored = self.store.restore(self.entry, self.boundary, device=self.lm.device, dtype=self.lm.dtype)
+            restored = self.store.restore(self.entry, self.boundary, device=self.lm.device, dtype=self._restore_dtype())
             self._cache, self._context_ids = restored.cache, restored.token_ids
             self.restore_s, self.bytes_read = restored.seconds, restored.bytes_read
             self._unbilled_restore_s = restored.seconds
         return self.restore_s
+
+    def _restore_dtype(self) -> torch.dtype | None:
+        """The model's dtype, or None (as stored) for a bfloat16 cache the shared-prefix
+        attention reads as it is: half the bytes per step, and no converted copy."""
+        fast = self.lm.device.type == "cuda" or torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+        if self.entry.kv_dtype == "bfloat16" and fast and supports_shared_prefix(self.lm, DynamicCache()):
+            return None
+        return self.lm.dtype
 
     @property
     def context_ids(self) -> list[int]:
@@ -285,7 +294,7 @@ def build(
         from .stores import validate_name
 
         validate_name(name)
-    documents = load_documents(inputs, stdin=stdin)
+    documents = _as_documents(inputs, stdin)
     lm = resolve_model(model, home, quantize)
     ids = PromptBuilder(lm.tokenizer).context_ids(documents, lm.max_context)
     store = open_store(home, store)
@@ -314,6 +323,13 @@ def build(
         reused_tokens=reused, prefilled_tokens=len(ids) - reused, sources=list(metadata.sources),
     )
     return kb
+
+
+def _as_documents(inputs: Sequence, stdin: TextIO | None) -> list[Document]:
+    """Documents given as such are taken as they are; anything else is a path, glob or '-'."""
+    if inputs and all(isinstance(item, Document) for item in inputs):
+        return list(inputs)
+    return load_documents(inputs, stdin=stdin)
 
 
 def _restore_longest_prefix(store, lm: LoadedModel, ids: list[int], kv_dtype: str) -> tuple[DynamicCache | None, int]:

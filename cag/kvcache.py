@@ -31,6 +31,10 @@ maps the file privately (copy-on-write): a cache restored in its stored dtype on
 CPU is a set of views into that mapping (zero-copy; the kernel's page cache is the
 only copy), and any other restore converts straight from the mapping into the
 result, with no intermediate buffer. The CRC check still reads every restored byte.
+A mapped file must never be truncated in place while a cache restored from it is
+alive (reading a page past the new end would kill the process with SIGBUS); the
+store never does that: it replaces and removes files by rename and unlink, which
+leave existing mappings intact.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import math
 import mmap
 import os
 import struct
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -86,6 +91,7 @@ KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
 # Tokens per key quantization group: smaller groups follow the keys more closely and
 # cost more scale bytes (8 bytes per channel per group). Must divide CRC_BLOCK_TOKENS.
 INT8_KEY_GROUP_TOKENS = 64
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value; Python 3.11 lacks the name
 _FLOAT_KV = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KV_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16"}
 
@@ -426,25 +432,10 @@ def load_cache(
     target = torch.device(device)
     stored = _FLOAT_KV.get(meta.kv_dtype)
     zero_copy = out is None and stored is not None and data.mapped and target.type == "cpu" and dtype in (None, stored)
-    layers = []
-    for i in range(meta.num_layers):
-        if out is not None:
-            keys, values = out[i][0][:, :, :n], out[i][1][:, :, :n]
-        elif zero_copy:
-            keys, values = views[f"layers.{i}.keys"][:, :, :n], views[f"layers.{i}.values"][:, :, :n]
-            layers.append((keys, values))
-            continue
-        else:
-            result = dtype or stored or torch.float32
-            shape = lambda kind: views[f"layers.{i}.{kind}"].shape[:2] + (n, views[f"layers.{i}.{kind}"].shape[3])  # noqa: E731
-            keys = torch.empty(shape("keys"), dtype=result, device=target)
-            values = torch.empty(shape("values"), dtype=result, device=target)
-        if stored is not None:
-            keys.copy_(views[f"layers.{i}.keys"][:, :, :n])  # one pass: dtype and device in the same copy
-            values.copy_(views[f"layers.{i}.values"][:, :, :n])
-        else:
-            _dequantize_layer(views, i, n, layout.group, keys, values)
-        layers.append((keys, values))
+    layers = [
+        _restore_layer(views, i, n, layout.group, stored, target, dtype, out[i] if out is not None else None, zero_copy)
+        for i in range(meta.num_layers)
+    ]
     return RestoredCache(
         cache=cache_from_layers(layers),
         token_ids=ids,
@@ -453,6 +444,36 @@ def load_cache(
         seconds=time.perf_counter() - start,
         zero_copy=zero_copy,
     )
+
+
+def _restore_layer(
+    views: dict[str, torch.Tensor],
+    i: int,
+    n: int,
+    group: int,
+    stored: torch.dtype | None,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    dest: tuple[torch.Tensor, torch.Tensor] | None,
+    zero_copy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``i``'s first ``n`` tokens: views into the file, or converted (or de-quantized) into ``dest``.
+
+    ``stored`` is the float dtype on disk, None for int8; ``dest`` None means new tensors.
+    """
+    keys_src, values_src = views[f"layers.{i}.keys"], views[f"layers.{i}.values"]
+    if zero_copy:
+        return keys_src[:, :, :n], values_src[:, :, :n]
+    if dest is None:
+        result = dtype or stored or torch.float32
+        dest = tuple(torch.empty(src.shape[:2] + (n, src.shape[3]), dtype=result, device=device) for src in (keys_src, values_src))  # type: ignore[assignment]
+    keys, values = dest[0][:, :, :n], dest[1][:, :, :n]
+    if stored is None:
+        _dequantize_layer(views, i, n, group, keys, values)
+    else:
+        keys.copy_(keys_src[:, :, :n])  # one pass: dtype and device change in the same copy
+        values.copy_(values_src[:, :, :n])
+    return keys, values
 
 
 def _check_out(out: Sequence[tuple[torch.Tensor, torch.Tensor]], header: _Header, meta: CacheMetadata, n: int, dtype: torch.dtype | None) -> None:
@@ -481,9 +502,7 @@ class _FileData:
             raise CorruptCacheError(f"{path}: file shrank while being read; it is truncated or being rewritten")
         self.mapped = mapping is not None
         if mapping is not None:
-            # Ask for every needed range up front: the kernel then reads them in large
-            # sequential requests instead of page by page as the CRC pass touches them.
-            _will_need(mapping, ranges)
+            _populate(mapping, ranges)
             self.tensor = torch.frombuffer(mapping, dtype=torch.uint8)
             self.bytes = memoryview(mapping)
         else:
@@ -503,14 +522,17 @@ def _map(f) -> mmap.mmap | None:
         return None  # a file system without mmap: read instead
 
 
-def _will_need(mapping: mmap.mmap, ranges: Sequence[tuple[int, int]]) -> None:
+def _populate(mapping: mmap.mmap, ranges: Sequence[tuple[int, int]]) -> None:
+    """Fault the needed ranges in with one call each (Linux 5.14+), instead of page by page later."""
+    if not sys.platform.startswith("linux"):
+        return
     page = mmap.PAGESIZE
     for begin, end in _merged(ranges):
         aligned = begin - begin % page
         try:
-            mapping.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+            mapping.madvise(_MADV_POPULATE_READ, aligned, end - aligned)
         except (AttributeError, OSError, ValueError):
-            return  # advice only
+            return  # an older kernel: the pages fault in as they are read
 
 
 def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -150,7 +150,8 @@ def load_model(
     ``quantize="int8"`` (or a name ending in ``:int8``) quantizes the linear layers' weights
     to int8 on the CPU; its KV cache differs from the full-precision model's, so it has
     a fingerprint of its own and caches of one are refused by the other. ``threads`` sets
-    torch's CPU threads (default: see ``default_threads``).
+    torch's CPU threads; without it the first load applies ``default_threads()`` and later
+    loads leave the count as it is.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

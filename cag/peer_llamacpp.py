@@ -34,7 +34,7 @@ from typing import Sequence
 
 from .errors import CagError
 
-__all__ = ["PeerError", "PeerQuestion", "PeerReport", "llama_cpp_module", "run_peer", "main"]
+__all__ = ["LlamaCppPeer", "PeerError", "PeerQuestion", "PeerReport", "llama_cpp_module", "run_peer", "main"]
 
 INSTALL_HINT = (
     "llama-cpp-python is not installed: run `pip install llama-cpp-python` (it compiles llama.cpp, "
@@ -112,6 +112,94 @@ def llama_cpp_module(install: bool = False) -> ModuleType:
     return llama_cpp
 
 
+class LlamaCppPeer:
+    """llama.cpp holding one context: prefill it once, then answer questions after it, each from a restored state."""
+
+    def __init__(
+        self,
+        context_ids: Sequence[int],
+        *,
+        gguf: str | os.PathLike | None = None,
+        threads: int | None = None,
+        max_question_tokens: int = 256,
+        new_tokens: int = 32,
+        eos_token_ids: Sequence[int] = (),
+        install: bool = False,
+    ) -> None:
+        self._llama_cpp = llama_cpp = llama_cpp_module(install)
+        if gguf is None:
+            from .model import embedded_gguf_path
+
+            gguf = embedded_gguf_path()
+        self.gguf = str(gguf)
+        self.threads = threads or os.cpu_count() or 1
+        self.context_ids = list(context_ids)
+        self.new_tokens = new_tokens
+        self.eos = set(eos_token_ids)
+        n_ctx = -(-(len(self.context_ids) + max_question_tokens + new_tokens + 8) // 256) * 256
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=self.gguf, n_ctx=n_ctx, n_batch=512, n_threads=self.threads, n_threads_batch=self.threads,
+                logits_all=False, verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise PeerError(f"llama.cpp cannot load {self.gguf}: {exc}") from exc
+        self._ctx = self.llm._ctx.ctx
+        self._n_vocab = self.llm.n_vocab()
+
+        start = time.perf_counter()
+        self.llm.eval(self.context_ids)
+        self.context_prefill_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        size = llama_cpp.llama_state_get_size(self._ctx)
+        self._state = (ctypes.c_uint8 * size)()
+        self.state_bytes = int(llama_cpp.llama_state_get_data(self._ctx, self._state, size))
+        self.state_save_s = time.perf_counter() - start
+        if not 0 < self.state_bytes <= size:
+            raise PeerError("llama.cpp could not save its state")
+
+    def restore(self) -> None:
+        """Put the context's state back (what llama-cpp-python's load_state does, less its extra copies)."""
+        if self._llama_cpp.llama_state_set_data(self._ctx, self._state, self.state_bytes) != self.state_bytes:
+            raise PeerError("llama.cpp could not load its state")
+        self.llm.n_tokens = len(self.context_ids)  # the wrapper's own count of evaluated tokens
+
+    def answer(self, question_ids: Sequence[int]) -> PeerQuestion:
+        """Restore the context, evaluate the question, decode greedily up to ``new_tokens`` or EOS."""
+        t0 = time.perf_counter()
+        self.restore()
+        t1 = time.perf_counter()
+        self.llm.eval(list(question_ids))
+        token = self._argmax()
+        t2 = time.perf_counter()
+        out: list[int] = []
+        while token not in self.eos:
+            out.append(token)
+            if len(out) == self.new_tokens:
+                break
+            self.llm.eval([token])
+            token = self._argmax()
+        t3 = time.perf_counter()
+        return PeerQuestion(len(question_ids), len(out), t1 - t0, t2 - t1, t3 - t2, t3 - t0, out)
+
+    def time_state_file(self) -> tuple[float, float]:
+        return _time_state_file(self._llama_cpp, self._ctx, self.context_ids)
+
+    def time_wrapper_load_state(self) -> float:
+        """llama-cpp-python's own save_state/load_state pair, which copies the state twice more."""
+        state = self.llm.save_state()
+        start = time.perf_counter()
+        self.llm.load_state(state)
+        return time.perf_counter() - start
+
+    def _argmax(self) -> int:
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self._n_vocab,))
+        return int(logits.argmax())
+
+
 def run_peer(
     context_ids: Sequence[int],
     questions: Sequence[Sequence[int]],
@@ -126,80 +214,21 @@ def run_peer(
 
     Decoding stops at ``new_tokens`` or at one of ``eos_token_ids``, as cag's generate does.
     """
-    llama_cpp = llama_cpp_module(install)
-    import numpy as np
-
-    if gguf is None:
-        from .model import embedded_gguf_path
-
-        gguf = embedded_gguf_path()
-    threads = threads or os.cpu_count() or 1
-    longest = max((len(q) for q in questions), default=0)
-    n_ctx = -(-(len(context_ids) + longest + new_tokens + 8) // 256) * 256
-    try:
-        llm = llama_cpp.Llama(
-            model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
-            logits_all=False, verbose=False,
-        )
-    except (ValueError, RuntimeError) as exc:
-        raise PeerError(f"llama.cpp cannot load {gguf}: {exc}") from exc
-    ctx = llm._ctx.ctx
-    n_vocab = llm.n_vocab()
-    eos = set(eos_token_ids)
-
-    def last_logits_argmax() -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-        return int(logits.argmax())
-
-    start = time.perf_counter()
-    llm.eval(list(context_ids))
-    context_prefill_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    size = llama_cpp.llama_state_get_size(ctx)
-    state = (ctypes.c_uint8 * size)()
-    written = llama_cpp.llama_state_get_data(ctx, state, size)
-    state_save_s = time.perf_counter() - start
-    if written <= 0 or written > size:
-        raise PeerError("llama.cpp could not save its state")
-
-    def restore() -> None:
-        if llama_cpp.llama_state_set_data(ctx, state, written) != written:
-            raise PeerError("llama.cpp could not load its state")
-        llm.n_tokens = len(context_ids)  # the wrapper's own count of evaluated tokens
-
-    file_save_s, file_load_s = _time_state_file(llama_cpp, ctx, context_ids)
-    wrapper_state = llm.save_state()
-    start = time.perf_counter()
-    llm.load_state(wrapper_state)
-    wrapper_load_state_s = time.perf_counter() - start
-    del wrapper_state
-
-    rows = []
-    for question in questions:
-        t0 = time.perf_counter()
-        restore()
-        t1 = time.perf_counter()
-        llm.eval(list(question))
-        token = last_logits_argmax()
-        t2 = time.perf_counter()
-        out: list[int] = []
-        while token not in eos:
-            out.append(token)
-            if len(out) == new_tokens:
-                break
-            llm.eval([token])
-            token = last_logits_argmax()
-        t3 = time.perf_counter()
-        rows.append(PeerQuestion(len(question), len(out), t1 - t0, t2 - t1, t3 - t2, t3 - t0, out))
+    peer = LlamaCppPeer(
+        context_ids, gguf=gguf, threads=threads, max_question_tokens=max((len(q) for q in questions), default=0),
+        new_tokens=new_tokens, eos_token_ids=eos_token_ids, install=install,
+    )
+    file_save_s, file_load_s = peer.time_state_file()
+    wrapper_load_state_s = peer.time_wrapper_load_state()
+    rows = [peer.answer(q) for q in questions]
     return PeerReport(
-        engine=f"llama.cpp (llama-cpp-python {getattr(llama_cpp, '__version__', '?')})",
-        gguf=str(gguf),
-        threads=threads,
-        context_tokens=len(context_ids),
-        context_prefill_s=context_prefill_s,
-        state_bytes=int(written),
-        state_save_s=state_save_s,
+        engine=f"llama.cpp (llama-cpp-python {getattr(peer._llama_cpp, '__version__', '?')})",
+        gguf=peer.gguf,
+        threads=peer.threads,
+        context_tokens=len(peer.context_ids),
+        context_prefill_s=peer.context_prefill_s,
+        state_bytes=peer.state_bytes,
+        state_save_s=peer.state_save_s,
         file_save_s=file_save_s,
         file_load_s=file_load_s,
         wrapper_load_state_s=wrapper_load_state_s,

@@ -29,6 +29,8 @@ app = typer.Typer(
 ModelOpt = typer.Option(None, "--model", "-m", help="Model: 'smollm2' (embedded default), a local folder or a Hugging Face id.")
 HomeOpt = typer.Option(None, "--home", help="Cache home (default $CAG_HOME or ~/.cache/cag).", envvar="CAG_HOME")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output: one JSON object per line on stdout.")
+QuantizeOpt = typer.Option(None, "--quantize", help="Weight quantization on the CPU: 'int8' (faster decoding; its caches are its own).")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: $CAG_THREADS, else the cores this process may use).")
 
 
 def _store(home: Optional[Path]):
@@ -43,17 +45,23 @@ def build(
     name: Optional[str] = typer.Option(None, "--name", "-n", help="Name of the cache (a label on its content key)."),
     model: Optional[str] = ModelOpt,
     chunk_size: int = typer.Option(512, "--chunk-size", min=16, help="Tokens per prefill step."),
+    quantize: Optional[str] = QuantizeOpt,
+    threads: Optional[int] = ThreadsOpt,
     json_out: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
 ) -> None:
     """Prefill documents once and store their KV cache; reuses the longest prefix already stored."""
     import cag
+    from cag.stores import validate_name
 
     with ui.one_line_errors():
+        if name is not None:
+            validate_name(name)
+        documents = cag.load_documents(inputs)  # bad input fails here, before the model loads
         with ui.status("Loading model (the first run converts the embedded model, ~30 s)…", quiet=json_out):
-            lm = cag.load_model(model, home=home)
+            lm = cag.load_model(model, home=home, quantize=quantize, threads=threads)
         with ui.token_progress("Prefill", quiet=json_out) as progress:
-            kb = cag.build(inputs, name=name, model=lm, home=home, chunk_size=chunk_size, on_progress=progress)
+            kb = cag.build(documents, name=name, model=lm, home=home, chunk_size=chunk_size, on_progress=progress)
     r = kb.report
     if json_out:
         ui.print_json({"name": r.name, "key": r.key, "tokens": r.tokens, "bytes": r.bytes, "seconds": round(r.seconds, 3),
@@ -91,32 +99,49 @@ def ask(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy (reproducible); above 0 samples."),
     seed: int = typer.Option(0, "--seed", help="Random seed when sampling."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Baseline: re-prefill the whole prompt for every question."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1,
+                                   help="Questions decoded together against the cache (1: one by one, each answer streamed)."),
+    quantize: Optional[str] = QuantizeOpt,
+    threads: Optional[int] = ThreadsOpt,
     json_out: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
 ) -> None:
-    """Answer questions against a stored cache, streaming each answer."""
+    """Answer questions against a stored cache: several at once in batches, or one by one, streamed."""
     import cag
+    from cag.model import set_threads
 
     todo = _read_questions(questions or [], questions_file)
     with ui.one_line_errors():
         with ui.status("Loading model…", quiet=json_out):
-            kb = cag.load(cache, model=model, home=home)
+            set_threads(threads)
+            kb = cag.load(cache, model=model, home=home, quantize=quantize)
             if not no_cache:
                 kb.restore()  # refused here, before any output, if the cache is damaged
+        batched = batch_size > 1 and len(todo) > 1 and not no_cache
+        if batched:
+            with ui.status(f"Answering {len(todo)} questions, {min(batch_size, len(todo))} at a time…", quiet=json_out):
+                answers = iter(kb.ask_many(todo, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                           temperature=temperature, seed=seed))
         for question in todo:
             if not json_out:
                 ui.out.print(f"[bold cyan]Q:[/] {question}")
                 ui.out.print("[bold green]A:[/] ", end="")
-            stream = None if json_out else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-            answer = kb.ask(question, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            use_cache=not no_cache, on_text=stream)
+            if batched:
+                answer = next(answers)
+                if not json_out:
+                    sys.stdout.write(answer.text)
+            else:
+                stream = None if json_out else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+                answer = kb.ask(question, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                use_cache=not no_cache, on_text=stream)
             if json_out:
                 row = {"cache": cache, "mode": "no-cache" if no_cache else "cache", **answer.to_dict()}
                 ui.print_json({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
             else:
                 ui.out.print()
+                together = f" · batch of {answer.batch}" if answer.batch > 1 else ""
                 ui.out.print(
-                    f"[dim]{answer.new_tokens} tokens · first token {answer.ttft_s:.2f} s · total {answer.total_s:.2f} s · "
+                    f"[dim]{answer.new_tokens} tokens · first token {answer.ttft_s:.2f} s · total {answer.total_s:.2f} s{together} · "
                     f"reused {answer.reused_tokens:,} / prefilled {answer.prefilled_tokens:,} prompt tokens[/]\n"
                 )
 

@@ -149,6 +149,31 @@ def test_restore_without_mmap_reads_the_same(tmp_path, monkeypatch):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "int8"])
+def test_restore_into_caller_buffers(tmp_path, kv_dtype):
+    """out= fills the caller's buffers (capacity beyond the prefix) in place: the same values, no new tensors."""
+    cache = random_cache(600)
+    path = save(tmp_path, cache, kv_dtype)
+    expected = load_cache(path, 300, dtype=torch.float32).cache
+    buffers = [(torch.full((1, 2, 1000, 8), 7.0), torch.full((1, 2, 1000, 8), 7.0)) for _ in cache.layers]
+    restored = load_cache(path, 300, out=buffers)
+    assert not restored.zero_copy and restored.cache.get_seq_length() == 300
+    for (k, v), layer, want in zip(buffers, restored.cache.layers, expected.layers):
+        assert layer.keys.data_ptr() == k.data_ptr() and layer.values.data_ptr() == v.data_ptr()
+        assert torch.equal(k[:, :, :300], want.keys) and torch.equal(v[:, :, :300], want.values)
+        assert (k[:, :, 300:] == 7).all() and (v[:, :, 300:] == 7).all()  # nothing past the prefix is touched
+
+
+def test_restore_into_wrong_buffers_is_refused(tmp_path):
+    path = save(tmp_path, random_cache(100), "float32")
+    good = lambda tokens=100, dim=8: (torch.empty(1, 2, tokens, dim), torch.empty(1, 2, tokens, dim))  # noqa: E731
+    for out in ([good()], [good(), good(50)], [good(), good(dim=4)]):
+        with pytest.raises(ValueError, match="out"):
+            load_cache(path, out=out)
+    with pytest.raises(ValueError, match="bfloat16"):
+        load_cache(path, dtype=torch.bfloat16, out=[good(), good()])
+
+
 # -------------------------------------------------------------------------- int8
 
 
