@@ -50,7 +50,9 @@ __all__ = [
     "exact_match",
     "load_qa",
     "normalize_answer",
+    "check_systems",
     "run_eval",
+    "select_items",
     "token_f1",
 ]
 
@@ -304,7 +306,9 @@ def _parse_documents(value: Any, at: str) -> tuple[Document, ...]:
     return tuple(documents)
 
 
-def _select(items: list[QAItem], contexts: Sequence[str] | None, limit: int | None) -> list[QAItem]:
+def select_items(items: Sequence[QAItem], contexts: Sequence[str] | None = None, limit: int | None = None) -> list[QAItem]:
+    """The items of the given contexts (all when None), at most ``limit`` of them."""
+    items = list(items)
     if contexts:
         known = list(dict.fromkeys(item.context_id for item in items))
         unknown = [c for c in contexts if c not in known]
@@ -422,20 +426,23 @@ def run_eval(
     store=None,
     embedder: Embedder | None = None,
     on_progress: EvalProgress | None = None,
+    dataset_name: str | None = None,
 ) -> EvalReport:
     """Answer every question with each system (greedy decoding) and score the answers.
 
     Questions are grouped by context: CAG builds one cache per context (kept in the
     store, so a second run reuses it) and answers all of that context's questions from it.
-    ``top_k`` may be a list to sweep (the paper used 1, 3, 5 and 10).
+    ``top_k`` may be a list to sweep (the paper used 1, 3, 5 and 10). ``dataset`` is a
+    file or hub name (see load_qa) or items already loaded; ``dataset_name`` names
+    those in the report.
     """
     start = time.perf_counter()
-    systems = _check_systems(systems)
+    systems = check_systems(systems)
     ks = _check_top_k(top_k)
     if max_new_tokens < 1:
         raise DatasetError("max_new_tokens must be at least 1")
     items = list(dataset) if _is_items(dataset) else load_qa(dataset, split=split, fields=fields)
-    items = _select(items, contexts, limit)
+    items = select_items(items, contexts, limit)
     lm = resolve_model(lm, home)
     embedder = embedder or Embedder()
     groups = _group_by_context(items)
@@ -459,12 +466,11 @@ def run_eval(
                 done += 1
                 if on_progress is not None:
                     on_progress(done, total, f"{context_id} · {SYSTEM_LABELS[system]}" + (f" k={k}" if k else ""))
-        del kb  # the next context's cache replaces this one in memory
 
     _score(records, embedder)
     return EvalReport(
         model=lm.name,
-        dataset=_dataset_name(dataset),
+        dataset=dataset_name or _dataset_name(dataset),
         questions=len(items),
         contexts=len(groups),
         max_new_tokens=max_new_tokens,
@@ -483,7 +489,8 @@ def _dataset_name(dataset: Any) -> str:
     return "(in memory)" if _is_items(dataset) else os.fspath(dataset)
 
 
-def _check_systems(systems: Sequence[str]) -> list[str]:
+def check_systems(systems: Sequence[str]) -> list[str]:
+    """The systems asked for, in the canonical order; DatasetError for an unknown one."""
     chosen = list(dict.fromkeys(s.strip().lower() for s in systems if s.strip()))
     unknown = [s for s in chosen if s not in SYSTEMS]
     if unknown or not chosen:

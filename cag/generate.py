@@ -105,6 +105,7 @@ def generate(
     last) and the caller crops it back; with ``extend_cache=False`` it is left exactly as
     it was, which is what answering many questions against one context wants.
     """
+    input_ids = [int(t) for t in input_ids]
     if not input_ids:
         raise ValueError("generate needs at least one prompt token")
     if supports_shared_prefix(lm, cache):
@@ -134,7 +135,7 @@ def generate_batch(
     exact near-tie that float rounding tips either way), and sampling draws each row from
     its own generator seeded with ``seed``. ``max_new_tokens`` may differ per prompt.
     """
-    prompts = [list(p) for p in prompts]
+    prompts = [[int(t) for t in p] for p in prompts]
     if any(not p for p in prompts):
         raise ValueError("generate_batch needs at least one token per prompt")
     limits = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * len(prompts)

@@ -161,7 +161,7 @@ def load_model(
     display, source = _resolve_source(base, home)
     device = torch.device(device) if device is not None else default_device()
     if quantize is not None and device.type != "cpu":
-        raise ModelError(f"--quantize {quantize} runs on the CPU only (PyTorch dynamic quantization); drop it on {device.type}")
+        raise ModelError(f"--quantize {quantize} runs on the CPU only; drop it on {device.type}")
     dtype = dtype or torch.float32
     try:
         with _quiet_transformers():
@@ -196,8 +196,10 @@ def wrap_model(
     config = json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str)
     parts = [b"cag-model-v1", config.encode(), weights_hash.encode(), tok_hash.encode()]
     if quantize is not None:
-        _quantize_weights(model, quantize)
-        parts.append(f"quantize={quantize}".encode())
+        from .quantize import scheme
+
+        _quantize_weights(model, tokenizer, quantize)
+        parts.append(f"quantize={scheme()}".encode())
         name = name if name.endswith(f":{quantize}") else f"{name}:{quantize}"
     return LoadedModel(
         model=model,
@@ -225,25 +227,21 @@ def _split_quantize(name: str, quantize: str | None) -> tuple[str, str | None]:
     return name, quantize
 
 
-def _quantize_weights(model: Any, mode: str) -> None:
-    """Quantize every ``nn.Linear`` in place: int8 weights per output channel, activations per call.
+def _quantize_weights(model: Any, tokenizer: Any, mode: str) -> None:
+    """Quantize every ``nn.Linear`` in place (see ``cag.quantize``): a decode step then reads a
+    quarter of the float32 weight bytes. Embeddings and norms stay in full precision."""
+    from .quantize import CALIBRATION_TOKENS, calibration_text, quantize_linear_layers
 
-    PyTorch's own dynamic quantization (fbgemm/x86 kernels): a decode step reads a
-    quarter of the fp32 weight bytes. Embeddings and norms stay in full precision;
-    a tied output projection gets an int8 copy of its own.
-    """
     if mode != "int8":  # pragma: no cover - _split_quantize admits only known modes
         raise ModelError(f"unknown quantization {mode!r}")
-    try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    except ImportError as exc:  # a future torch without torch.ao.quantization
-        raise ModelError("int8 quantization needs torch.ao.quantization (PyTorch 2.x): install torch<3") from exc
     if next(model.parameters()).device.type != "cpu":
         raise ModelError("int8 quantization runs on the CPU only: load the model on the CPU")
-    with warnings.catch_warnings():
-        # torch.ao.quantization announces its move to torchao; the API still works as documented.
-        warnings.simplefilter("ignore")
-        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    ids = list(tokenizer(calibration_text(), add_special_tokens=False)["input_ids"])[:CALIBRATION_TOKENS]
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or len(ids))
+    try:
+        quantize_linear_layers(model, ids[:limit])
+    except RuntimeError as exc:
+        raise ModelError(f"cannot quantize to int8: {exc}") from exc
 
 
 def default_threads() -> int:

@@ -183,6 +183,10 @@ class LlamaCppPeer:
         t3 = time.perf_counter()
         return PeerQuestion(len(question_ids), len(out), t1 - t0, t2 - t1, t3 - t2, t3 - t0, out)
 
+    def close(self) -> None:
+        """Free llama.cpp's model and context now (its finalizer fails at interpreter exit)."""
+        self.llm.close()
+
     def time_state_file(self) -> tuple[float, float]:
         return _time_state_file(self._llama_cpp, self._ctx, self.context_ids)
 
@@ -218,9 +222,12 @@ def run_peer(
         context_ids, gguf=gguf, threads=threads, max_question_tokens=max((len(q) for q in questions), default=0),
         new_tokens=new_tokens, eos_token_ids=eos_token_ids, install=install,
     )
-    file_save_s, file_load_s = peer.time_state_file()
-    wrapper_load_state_s = peer.time_wrapper_load_state()
-    rows = [peer.answer(q) for q in questions]
+    try:
+        file_save_s, file_load_s = peer.time_state_file()
+        wrapper_load_state_s = peer.time_wrapper_load_state()
+        rows = [peer.answer(q) for q in questions]
+    finally:
+        peer.close()
     return PeerReport(
         engine=f"llama.cpp (llama-cpp-python {getattr(peer._llama_cpp, '__version__', '?')})",
         gguf=peer.gguf,

@@ -35,18 +35,20 @@ def eval_command(
 ) -> None:
     """Answer every question with CAG, BM25 RAG, dense RAG and the uncached full prompt; score and time them."""
     import cag
-    from cag.evaluate import QAFields, run_eval
+    from cag.evaluate import QAFields, check_systems, load_qa, run_eval, select_items
 
     ks = _parse_top_k(top_k)
-    chosen = [s.strip() for s in systems.split(",") if s.strip()]
     contexts = [c.strip() for c in context.split(",") if c.strip()] if context else None
     fields = QAFields(question=question_field, answers=answers_field, documents=documents_field, context_id=context_field)
     with ui.one_line_errors():
+        # Bad input fails here, before the model takes seconds to load.
+        chosen = check_systems(systems.split(","))
+        items = select_items(load_qa(dataset, split=split, fields=fields), contexts, limit)
         with ui.status("Loading model…", quiet=json_out):
             lm = cag.load_model(model, home=home)
         with _answer_progress(quiet=json_out) as progress:
-            report = run_eval(lm, dataset, top_k=ks, systems=chosen, max_new_tokens=max_new_tokens, limit=limit,
-                              contexts=contexts, split=split, fields=fields, home=home, on_progress=progress)
+            report = run_eval(lm, items, top_k=ks, systems=chosen, max_new_tokens=max_new_tokens, home=home,
+                              on_progress=progress, dataset_name=dataset)
     if answers_out is not None:
         _write_answers(answers_out, report)
     if json_out:

@@ -15,7 +15,7 @@ from cag.batch import SharedPrefixBatch, supports_shared_prefix
 from cag.cli.main import app
 from cag.generate import _generate_appending, generate, generate_batch
 from cag.kvcache import cache_from_layers
-from cag.prefill import prefill
+from cag.prefill import new_cache, prefill
 
 CONTEXT = list(range(5, 130))
 PROMPTS = [[7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33], [40, 41]]
@@ -109,7 +109,7 @@ def test_extend_cache_appends_prompt_and_answer_like_a_prefill(tiny):
 def test_empty_cache_and_streaming(tiny):
     """A prompt with nothing cached (PromptCache's first turn) streams its whole text."""
     pieces: list[str] = []
-    gen = generate(tiny, cag.prefill.new_cache(), CONTEXT[:40], max_new_tokens=9, on_text=pieces.append)
+    gen = generate(tiny, new_cache(), CONTEXT[:40], max_new_tokens=9, on_text=pieces.append)
     assert gen.token_ids == _reference(tiny, CONTEXT[:40], 9)
     assert "".join(pieces) == gen.text and len(pieces) > 1
 

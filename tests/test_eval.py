@@ -114,7 +114,7 @@ def test_load_csv_with_a_single_document_column(qa_csv):
     assert items[0].documents[0].text == PUMPS[0]["text"]
 
 
-def test_load_parquet(tmp_path, qa_jsonl):
+def test_load_parquet(tmp_path):
     import datasets
 
     path = tmp_path / "qa.parquet"
@@ -267,3 +267,11 @@ def test_cli_eval_bad_options_exit_nonzero(tiny_dir, home, qa_jsonl, args):
     result = CliRunner().invoke(app, ["eval", str(qa_jsonl), "--model", str(tiny_dir), *args])
     assert result.exit_code != 0
     assert "Traceback" not in result.output
+
+
+def test_cli_eval_checks_the_dataset_before_loading_the_model(home, tmp_path):
+    missing_model = tmp_path / "no-such-model"  # loading it would fail with a ModelError
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "nope.jsonl"), "--model", str(missing_model)])
+    assert result.exit_code != 0 and "no such dataset file" in result.output
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "nope.jsonl"), "--systems", "cag,colbert"])
+    assert result.exit_code != 0 and "unknown system colbert" in result.output

@@ -276,6 +276,14 @@ def test_int8_malformed_header_is_refused(tmp_path, edit):
         load_cache(path)
 
 
+def test_checksum_is_zlibs_crc32_whichever_implementation_is_installed():
+    import zlib
+
+    data = bytes(range(256)) * 1000
+    assert kvcache._crc32(data) == zlib.crc32(data)
+    assert kvcache._crc32(memoryview(data)[5:70001], 12345) == zlib.crc32(data[5:70001], 12345)
+
+
 def test_group_divides_the_crc_block():
     assert CRC_BLOCK_TOKENS % INT8_KEY_GROUP_TOKENS == 0
 

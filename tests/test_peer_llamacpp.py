@@ -64,6 +64,9 @@ class FakeEngine:
             def load_state(self, state):
                 engine.evaluated[:] = state
 
+            def close(self):
+                engine.closed = True
+
         return Llama()
 
     def _get(self, ctx, buffer, size):
@@ -86,7 +89,7 @@ def test_each_question_restores_the_context_and_decodes_greedily(monkeypatch, tm
     monkeypatch.setitem(sys.modules, "llama_cpp", fake.module)
     context = [1, 2, 3, 4]
     report = run_peer(context, [[10, 11], [40, 45]], gguf=tmp_path / "m.gguf", new_tokens=5, threads=2, eos_token_ids=[48])
-    assert fake.restores == 2
+    assert fake.restores == 2 and fake.closed
     first, second = report.questions
     assert first.token_ids == [12, 13, 14, 15, 16] and first.new_tokens == 5
     assert second.token_ids == [46, 47]  # 48 is EOS: decoding stops before it
