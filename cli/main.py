@@ -30,7 +30,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Model: 'smollm2' (embedded 
 HomeOpt = typer.Option(None, "--home", help="Cache home (default $CAG_HOME or ~/.cache/cag).", envvar="CAG_HOME")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output: one JSON object per line on stdout.")
 QuantizeOpt = typer.Option(None, "--quantize", help="Weight quantization on the CPU: 'int8' (faster decoding; its caches are its own).")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: $CAG_THREADS, else the cores this process may use).")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: $CAG_THREADS, else the cores this process may use that are not busy).")
 
 
 def _store(home: Optional[Path]):
