@@ -15,7 +15,7 @@ from .documents import Document, load_documents
 from .errors import CacheMismatchError, ContextTooLongError, ModelError
 from .generate import Generation, generate, generate_batch
 from .home import store_dir
-from .kvcache import CacheMetadata, now_iso
+from .kvcache import CacheMetadata, check_kv_dtype, now_iso
 from .model import LoadedModel, _split_quantize, load_model
 from .prefill import DEFAULT_CHUNK_SIZE, ProgressCallback, prefill
 from .prompt import PromptBuilder
@@ -282,8 +282,12 @@ def build(
     on_progress: ProgressCallback | None = None,
     stdin: TextIO | None = None,
     quantize: str | None = None,
+    kv_dtype: str | None = None,
 ) -> KnowledgeBase:
     """Prefill documents once and store their KV cache; reuses the longest stored prefix.
+
+    ``kv_dtype`` stores the cache as float32, bfloat16, float16 or int8 (default: the
+    model's dtype); a smaller dtype trades answer agreement for bytes on disk.
 
     The returned knowledge base holds the cache in memory, ready for questions; its
     ``report`` says what was stored and what was reused. ``quantize="int8"`` builds
@@ -298,7 +302,7 @@ def build(
     lm = resolve_model(model, home, quantize)
     ids = PromptBuilder(lm.tokenizer).context_ids(documents, lm.max_context)
     store = open_store(home, store)
-    kv_dtype = _kv_dtype_name(lm)
+    kv_dtype = check_kv_dtype(kv_dtype) if kv_dtype is not None else _kv_dtype_name(lm)
     cache, reused = _restore_longest_prefix(store, lm, ids, kv_dtype)
     if on_progress is not None:
         on_progress(reused, len(ids))
@@ -317,7 +321,9 @@ def build(
         created=now_iso(),
     )
     entry = store.put(cache, ids, metadata, name=name)
-    kb = KnowledgeBase(lm, store, entry, cache=cache, context_ids=ids)
+    # A cache stored in another dtype answers from what was stored, as a later load would.
+    in_memory = cache if kv_dtype == _kv_dtype_name(lm) else None
+    kb = KnowledgeBase(lm, store, entry, cache=in_memory, context_ids=ids)
     kb.report = BuildReport(
         name=name, key=entry.key, tokens=len(ids), bytes=entry.bytes, seconds=time.perf_counter() - start,
         reused_tokens=reused, prefilled_tokens=len(ids) - reused, sources=list(metadata.sources),

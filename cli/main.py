@@ -46,6 +46,7 @@ def build(
     model: Optional[str] = ModelOpt,
     chunk_size: int = typer.Option(512, "--chunk-size", min=16, help="Tokens per prefill step."),
     quantize: Optional[str] = QuantizeOpt,
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="Store the cache as float32, bfloat16, float16 or int8 (default: the model's dtype)."),
     threads: Optional[int] = ThreadsOpt,
     json_out: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
@@ -61,11 +62,13 @@ def build(
         with ui.status("Loading model (the first run converts the embedded model, ~30 s)…", quiet=json_out):
             lm = cag.load_model(model, home=home, quantize=quantize, threads=threads)
         with ui.token_progress("Prefill", quiet=json_out) as progress:
-            kb = cag.build(documents, name=name, model=lm, home=home, chunk_size=chunk_size, on_progress=progress)
+            kb = cag.build(documents, name=name, model=lm, home=home, chunk_size=chunk_size, on_progress=progress,
+                           kv_dtype=kv_dtype)
     r = kb.report
     if json_out:
         ui.print_json({"name": r.name, "key": r.key, "tokens": r.tokens, "bytes": r.bytes, "seconds": round(r.seconds, 3),
-                       "reused_tokens": r.reused_tokens, "prefilled_tokens": r.prefilled_tokens, "sources": r.sources})
+                       "reused_tokens": r.reused_tokens, "prefilled_tokens": r.prefilled_tokens,
+                       "kv_dtype": kb.entry.kv_dtype, "sources": r.sources})
         return
     label = r.name or r.key[:12]
     ui.out.print(

@@ -140,3 +140,15 @@ def test_unwritable_store(tiny_dir, docs, tmp_path, monkeypatch):
 def test_invalid_name(tiny_dir, docs, home):
     _fails(cag("build", docs, "--name", "../escape", "--model", tiny_dir), "invalid cache name")
     assert _store_files(home) == []
+
+
+def test_build_with_int8_kv_dtype_is_smaller_and_answers(tiny_dir, docs, home):
+    full = _json_lines(cag("build", docs, "--name", "f32", "--model", tiny_dir, "--json").stdout)[0]
+    small = cag("build", docs, "--name", "i8", "--model", tiny_dir, "--kv-dtype", "int8", "--json")
+    assert small.exit_code == 0, small.output
+    row = _json_lines(small.stdout)[0]
+    assert row["key"] != full["key"] and row["bytes"] < full["bytes"] / 2
+    assert json.loads(cag("info", "i8", "--json").stdout)["kv_dtype"] == "int8"
+    answer = cag("ask", "--cache", "i8", "Who approves travel?", "--max-new-tokens", "3", "--json")
+    assert answer.exit_code == 0 and _json_lines(answer.stdout)[0]["new_tokens"] > 0
+    _fails(cag("build", docs, "--model", tiny_dir, "--kv-dtype", "int4"), "unsupported KV dtype")
