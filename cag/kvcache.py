@@ -329,7 +329,7 @@ def save_cache(path: str | os.PathLike, cache: DynamicCache, token_ids: Sequence
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -344,7 +344,8 @@ def _in_crc_order(items: list, num_layers: int, parts: Sequence[_Part]) -> list:
     return [item for _, item in sorted(zip(names, items), key=lambda pair: pair[0])]
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from cag.errors import CacheNotFoundError, CorruptCacheError, InvalidNameError, StoreError
 from cag.hashing import DEFAULT_BLOCK_SIZE, block_hashes, chain_seed, common_prefix_length, sequence_key
-from cag.kvcache import CacheMetadata, RestoredCache, load_cache, read_token_ids, save_cache
+from cag.kvcache import CacheMetadata, RestoredCache, fsync_dir, load_cache, read_token_ids, save_cache
 
 from .base import Entry, PrefixMatch, VerifyReport
 
@@ -142,7 +142,7 @@ class LocalStore:
                 final = self._path(key)
                 os.replace(staging, final)
                 self._undo.append(lambda: final.unlink(missing_ok=True))
-                _fsync_dir(self.entries_dir)
+                fsync_dir(self.entries_dir)
                 now = time.time()
                 db.execute(
                     "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,0) ON CONFLICT(key) DO UPDATE SET "
@@ -424,20 +424,6 @@ def _file_id(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _file_sha256(path: Path) -> str:
