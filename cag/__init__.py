@@ -5,7 +5,7 @@ questions against the restored cache::
 
     import cag
     kb = cag.build(["docs/"], name="handbook")   # or cag.load("handbook")
-    print(kb.ask("What is the refund policy?").text)
+    answer = kb.ask("What is the refund policy?").text
 """
 
 from importlib import import_module
