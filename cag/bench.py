@@ -9,9 +9,10 @@ corpus by default) and stored; then, side by side, the same question is timed
 * ``restored_warm``: restoring it with the file in the page cache, then asking;
 * ``in_memory``: asking with the cache already in memory.
 
-It also measures per-question latency over a batch of questions against one cache,
-the cache's bytes per token on disk, and restore throughput next to a plain
-``safetensors`` read of the same file (the floor that disk and memory set here).
+It also measures per-question latency over a list of questions asked one after
+another against one cache, the cache's bytes per token on disk, and restore
+throughput next to a plain ``safetensors`` read of the same file, warm (from the page
+cache) and cold (from the disk: the floor any cold restore is held to).
 
 Each time-to-first-token mode is one function in ``TTFT_MODES`` and one field of
 ``BenchRow``: a new mode is one more of each. Nothing here prints; progress goes to
@@ -92,6 +93,7 @@ class BenchRow:
     restore_mb_s: float  # file bytes / warm restore seconds
     restore_cold_mb_s: float
     raw_read_mb_s: float | None  # file bytes / a plain safetensors.torch.load_file reading all of it (warm)
+    raw_read_cold_mb_s: float | None  # the same read with the file's pages dropped first: the disk's floor
     cold_dropped: bool  # whether the file's pages were really out of the page cache for the cold runs
     repeats: int
     cache_name: str
@@ -336,6 +338,18 @@ def _raw_read_seconds(path: Path) -> float:
     return time.perf_counter() - start
 
 
+def _raw_reads(path: Path, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of plain reads of the file, warm then cold; the last read leaves it in the page cache."""
+    _raw_read_seconds(path)  # untimed: puts the file in the page cache
+    warm = [_raw_read_seconds(path) for _ in range(repeats)]
+    cold = []
+    for _ in range(repeats):
+        if not _drop_from_page_cache(path):
+            break  # it would be one more warm read
+        cold.append(_raw_read_seconds(path))
+    return warm, cold
+
+
 def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
@@ -397,12 +411,9 @@ def run_bench(
         kb = _build_cache(lm, store, ids, f"bench-{tokens}")
         path = _entry_path(store, kb.entry)
         target = _Target(lm, store, kb, path, questions[0], repeats)
-        step(f"{tokens} tokens: warming up")
+        step(f"{tokens} tokens: warming up, plain reads of the file")
         kb.ask(questions[0], max_new_tokens=1)  # first call at a new length pays one-off allocations
-        raw = []
-        if path is not None:
-            _raw_read_seconds(path)  # untimed: puts the file in the page cache
-            raw = [_raw_read_seconds(path) for _ in range(repeats)]
+        raw_warm, raw_cold = _raw_reads(path, repeats) if path is not None else ([], [])
         times: dict[str, float] = {}
         for column, measure in TTFT_MODES.items():
             runs = []
@@ -413,7 +424,7 @@ def run_bench(
         step(f"{tokens} tokens: {len(questions)} questions against the cache in memory")
         # One after another, as a user asks them: per-question latency, not a batch's throughput.
         answers = [kb.ask(q, max_new_tokens=max_new_tokens) for q in questions]
-        rows.append(_row(lm, kb, ids, tokens, path, times, raw, target, answers, max_new_tokens, repeats))
+        rows.append(_row(lm, kb, ids, tokens, path, times, (raw_warm, raw_cold), target, answers, max_new_tokens, repeats))
     if on_progress is not None:
         on_progress("done", total, total)
     return rows
@@ -437,7 +448,8 @@ def _build_cache(lm: LoadedModel, store, ids: list[int], name: str) -> Knowledge
     return KnowledgeBase(lm, store, entry, cache=cache, context_ids=ids)
 
 
-def _row(lm, kb, ids, requested, path, times, raw, target: _Target, answers, max_new_tokens, repeats) -> BenchRow:
+def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float]], target: _Target, answers,
+         max_new_tokens, repeats) -> BenchRow:
     size = path.stat().st_size if path is not None else kb.entry.bytes
     kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in
                    ((layer.keys, layer.values) for layer in kb.cache.layers))
@@ -463,7 +475,8 @@ def _row(lm, kb, ids, requested, path, times, raw, target: _Target, answers, max
         restore_cold_s=restore_cold,
         restore_mb_s=size / restore_warm / _MB,
         restore_cold_mb_s=size / restore_cold / _MB,
-        raw_read_mb_s=size / _median(raw) / _MB if raw else None,
+        raw_read_mb_s=size / _median(raw[0]) / _MB if raw[0] else None,
+        raw_read_cold_mb_s=size / _median(raw[1]) / _MB if raw[1] else None,
         cold_dropped=bool(target.cold_dropped) and all(target.cold_dropped),
         repeats=repeats,
         cache_name=f"bench-{requested}",

@@ -117,12 +117,12 @@ def _tables(rows, machine: dict) -> list[Table]:
             _seconds(r.per_question_s),
         )
     disk = Table(title="cache on disk", caption=(
-        "prefill: tokens/s of the full re-prefill; restore, cold, raw read: MB/s (10^6 bytes) of a warm restore, "
-        "a cold restore, and a plain safetensors.torch.load_file of the same file (warm)"))
-    for header in ("context", "prefill", "size", "bytes/token", "restore", "cold", "raw read"):
+        "tok/s: prefill speed of the full re-prefill; B/token: bytes on disk per context token; restore, cold: MB/s (10^6 bytes) of a warm and a cold restore; "
+        "raw, raw cold: MB/s of a plain safetensors.torch.load_file reading the same file, warm and cold"))
+    for header in ("tokens", "tok/s", "size", "B/token", "restore", "cold", "raw", "raw cold"):
         disk.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         disk.add_row(f"{r.context_tokens:,}", f"{r.prefill_tok_s:,.0f}", ui.human_size(r.cache_bytes),
                      f"{r.bytes_per_token:,.0f}", _mb_s(r.restore_mb_s), _mb_s(r.restore_cold_mb_s),
-                     _mb_s(r.raw_read_mb_s))
+                     _mb_s(r.raw_read_mb_s), _mb_s(r.raw_read_cold_mb_s))
     return [ttft, disk]

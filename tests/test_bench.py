@@ -18,7 +18,8 @@ runner = CliRunner()
 
 DOCUMENTED_FIELDS = {
     "context_tokens", "ttft_full_s", "ttft_restored_cold_s", "ttft_restored_warm_s", "ttft_in_memory_s",
-    "bytes_per_token", "restore_mb_s", "raw_read_mb_s", "per_question_s", "prefill_tok_s", "cold_dropped",
+    "bytes_per_token", "restore_mb_s", "raw_read_mb_s", "raw_read_cold_mb_s", "per_question_s", "prefill_tok_s",
+    "cold_dropped",
 }
 TIMES = ("ttft_full_s", "ttft_restored_cold_s", "ttft_restored_warm_s", "ttft_in_memory_s", "per_question_s",
          "per_question_ttft_s", "restore_warm_s", "restore_cold_s")
@@ -40,6 +41,8 @@ def _assert_sane(row: dict, requested: int, kv_per_token: int) -> None:
         assert isinstance(row[name], float) and math.isfinite(row[name]) and row[name] > 0, (name, row[name])
     assert row["per_question_s"] >= row["per_question_ttft_s"]  # an answer's time includes its first token
     assert isinstance(row["cold_dropped"], bool)
+    # A cold read needs the OS to drop the file's pages; where it cannot, there is no cold read to report.
+    assert row["raw_read_cold_mb_s"] is None or row["raw_read_cold_mb_s"] > 0
     # On disk: the KV tensors, one int64 token id per token, and a header of a few hundred bytes.
     assert row["kv_bytes_per_token"] == kv_per_token
     assert kv_per_token + 8 < row["bytes_per_token"] < kv_per_token + 8 + 4096 / row["context_tokens"] * 4
