@@ -9,10 +9,20 @@ corpus by default) and stored; then, side by side, the same question is timed
 * ``restored_warm``: restoring it with the file in the page cache, then asking;
 * ``in_memory``: asking with the cache already in memory.
 
-It also measures per-question latency over a list of questions asked one after
-another against one cache, the cache's bytes per token on disk, and restore
-throughput next to a plain ``safetensors`` read of the same file, warm (from the page
-cache) and cold (from the disk: the floor any cold restore is held to).
+It also measures
+
+* per-question latency: each question asked alone, the way a user asks it: the cache
+  restored from the store (warm), the question prefilled, the answer decoded;
+* with ``peer="llamacpp"``, llama.cpp answering the same questions after the same
+  context tokens with the same GGUF weights and thread count, alternated with cag
+  question by question so both see the same machine;
+* batched asking: ``ask_many`` of all the questions in batches against one asking them
+  one by one, and whether the answers are the same;
+* with a ``kv_dtype`` other than the model's, the share of answers from the stored
+  cache identical to those from the full-precision cache;
+* the cache's bytes per token on disk, and restore throughput next to a plain
+  ``safetensors`` read of the same file, warm (from the page cache) and cold (from the
+  disk: the floor any cold restore is held to).
 
 Each time-to-first-token mode is one function in ``TTFT_MODES`` and one field of
 ``BenchRow``: a new mode is one more of each. Nothing here prints; progress goes to
@@ -37,10 +47,10 @@ from typing import Callable, Sequence
 import torch
 
 from .documents import Document
-from .errors import CagError, PromptError
+from .errors import BenchError, PromptError
 from .knowledge import KnowledgeBase, load, open_store
-from .kvcache import CacheMetadata, now_iso
-from .model import LoadedModel
+from .kvcache import CacheMetadata, check_kv_dtype, now_iso
+from .model import DEFAULT_MODEL, EMBEDDED_NAME, LoadedModel
 from .prefill import prefill
 from .prompt import PromptBuilder
 
@@ -50,6 +60,7 @@ __all__ = [
     "TTFT_MODES",
     "MODE_LABELS",
     "DEFAULT_LENGTHS",
+    "PEERS",
     "bundled_corpus",
     "bundled_questions",
     "read_questions",
@@ -60,14 +71,11 @@ __all__ = [
 ]
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096)
+PEERS = ("llamacpp",)
 _MB = 1e6  # throughput in MB/s means 10^6 bytes per second
 
 BenchProgress = Callable[[str, int, int], None]
 """Called with (what is being measured, steps done, steps total)."""
-
-
-class BenchError(CagError):
-    """The benchmark cannot run as asked (no questions, no plotting library...)."""
 
 
 @dataclass
@@ -80,8 +88,13 @@ class BenchRow:
     ttft_restored_cold_s: float
     ttft_restored_warm_s: float
     ttft_in_memory_s: float
-    per_question_s: float  # mean answer time (up to max_new_tokens) over the questions, cache in memory
-    per_question_ttft_s: float
+    # Each question alone, as a user asks it: warm restore from the store + question prefill + answer.
+    # Per question: the median over the repeats; here: the mean over the questions.
+    per_question_s: float
+    per_question_ttft_s: float  # restore + question prefill, up to the first new token
+    per_question_restore_s: float
+    new_tokens: float  # mean new tokens per answer (an answer ends at max_new_tokens or the end-of-turn token)
+    decode_tok_s: float  # tokens after the first / the time they took, mean over the questions
     questions: int
     max_new_tokens: int
     prefill_tok_s: float  # prompt tokens / ttft_full_s
@@ -95,6 +108,20 @@ class BenchRow:
     raw_read_mb_s: float | None  # file bytes / a plain safetensors.torch.load_file reading all of it (warm)
     raw_read_cold_mb_s: float | None  # the same read with the file's pages dropped first: the disk's floor
     cold_dropped: bool  # whether the file's pages were really out of the page cache for the cold runs
+    kv_dtype: str  # how the cache is stored
+    # Share of the per-question answers (from the stored cache) token-identical to the answers
+    # from the full-precision cache; None when the cache is stored in the model's own dtype.
+    identical_to_full_precision: float | None
+    batch_size: int
+    one_by_one_s: float  # all the questions asked one by one, cache in memory (median of the repeats)
+    batched_s: float  # the same questions through ask_many in batches of batch_size
+    batch_identical: float  # share of batched answers token-identical to the one-by-one answers
+    peer: str | None  # the engine the per-question latency is compared with, None without a peer
+    peer_per_question_s: float | None  # its restore (from memory) + question + answer, as per_question_s
+    peer_ttft_s: float | None
+    peer_new_tokens: float | None
+    peer_decode_tok_s: float | None
+    peer_identical: float | None  # share of its answers token-identical to cag's
     repeats: int
     cache_name: str
     model: str
@@ -106,9 +133,19 @@ class BenchRow:
         """How many times sooner the first token comes from a warm restore than from re-prefill."""
         return self.ttft_full_s / self.ttft_restored_warm_s if self.ttft_restored_warm_s > 0 else math.inf
 
+    @property
+    def batch_speedup(self) -> float:
+        """Throughput of batched asking over asking one by one."""
+        return self.one_by_one_s / self.batched_s if self.batched_s > 0 else math.inf
+
+    @property
+    def vs_peer(self) -> float | None:
+        """cag's per-question latency over the peer's: 1.5 means cag takes 1.5 times as long."""
+        return self.per_question_s / self.peer_per_question_s if self.peer_per_question_s else None
+
     def to_dict(self) -> dict:
         row = asdict(self)
-        row["speedup_warm"] = self.speedup_warm
+        row.update(speedup_warm=self.speedup_warm, batch_speedup=self.batch_speedup, vs_peer=self.vs_peer)
         return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
 
 
@@ -355,13 +392,9 @@ def _median(values: Sequence[float]) -> float:
 
 
 def _entry_path(store, entry) -> Path | None:
-    """The file holding an entry, for stores that keep files on this machine."""
-    if hasattr(store, "path"):
-        return Path(store.path(entry))
-    if hasattr(store, "entries_dir"):
-        path = Path(store.entries_dir) / f"{entry.key}.safetensors"
-        return path if path.is_file() else None
-    return None
+    """The file holding an entry, for stores that keep files on this machine (``LocalStore.path``)."""
+    path = Path(store.path(entry)) if hasattr(store, "path") else None
+    return path if path is not None and path.is_file() else None
 
 
 # ----------------------------------------------------------------------- run
@@ -375,14 +408,19 @@ def run_bench(
     documents: Sequence[Document] | None = None,
     store=None,
     home: str | os.PathLike | None = None,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 32,
     repeats: int = 3,
+    kv_dtype: str | None = None,
+    batch_size: int = 8,
+    peer: str | None = None,
     on_progress: BenchProgress | None = None,
 ) -> list[BenchRow]:
     """Measure every mode at every context length (clipped to the model's window); one row per length.
 
     Caches are stored as ``bench-<tokens>`` in the store (``home``'s local store by
-    default), so the numbers describe the same files ``cag ask`` would read.
+    default), in ``kv_dtype`` (default: the model's dtype), so the numbers describe the
+    same files ``cag ask`` would read. ``peer="llamacpp"`` times llama.cpp on the same
+    questions (it needs ``llama-cpp-python`` and the default model).
     """
     questions = _checked(bundled_questions() if questions is None else questions)
     documents = list(documents) if documents else bundled_corpus()
@@ -390,10 +428,14 @@ def run_bench(
         raise BenchError(f"repeats must be at least 1, got {repeats}")
     if max_new_tokens < 1:
         raise BenchError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise BenchError(f"batch size must be at least 1, got {batch_size}")
+    kv_dtype = check_kv_dtype(kv_dtype) if kv_dtype is not None else str(lm.dtype).removeprefix("torch.")
+    _check_peer(lm, peer)
     targets = fit_lengths(lm, lengths, questions, max_new_tokens)
     store = open_store(home, store)
     builder = PromptBuilder(lm.tokenizer)
-    steps_per_length = 3 + len(TTFT_MODES) * repeats + 1
+    steps_per_length = 5 + (len(TTFT_MODES) + 2) * repeats
     total = steps_per_length * len(targets)
     done = 0
 
@@ -408,7 +450,7 @@ def run_bench(
         step(f"{tokens} tokens: cutting the documents")
         ids = _context_of_length(builder, documents, tokens)
         step(f"{tokens} tokens: prefilling and storing the cache")
-        kb = _build_cache(lm, store, ids, f"bench-{tokens}")
+        kb, full_precision = _build_cache(lm, store, ids, f"bench-{tokens}", kv_dtype)
         path = _entry_path(store, kb.entry)
         target = _Target(lm, store, kb, path, questions[0], repeats)
         step(f"{tokens} tokens: warming up, plain reads of the file")
@@ -421,23 +463,135 @@ def run_bench(
                 step(f"{tokens} tokens: {MODE_LABELS.get(column, column)} ({r + 1}/{repeats})")
                 runs.append(measure(target))
             times[column] = _median(runs)
-        step(f"{tokens} tokens: {len(questions)} questions against the cache in memory")
-        # One after another, as a user asks them: per-question latency, not a batch's throughput.
-        answers = [kb.ask(q, max_new_tokens=max_new_tokens) for q in questions]
-        rows.append(_row(lm, kb, ids, tokens, path, times, (raw_warm, raw_cold), target, answers, max_new_tokens, repeats))
+        step(f"{tokens} tokens: starting {peer}" if peer else f"{tokens} tokens: per question")
+        alone = _per_question(target, questions, max_new_tokens, peer, ids, step)
+        step(f"{tokens} tokens: answers of the full-precision cache")
+        reference = None
+        if full_precision is not kb.cache:
+            ref = KnowledgeBase(lm, store, kb.entry, cache=full_precision, context_ids=ids)
+            reference = [ref.ask(q, max_new_tokens=max_new_tokens) for q in questions]
+        batched = _batched(kb, questions, batch_size, max_new_tokens, repeats, step)
+        rows.append(_row(lm, kb, ids, tokens, path, times, (raw_warm, raw_cold), target, alone, reference, batch_size,
+                         batched, max_new_tokens, repeats))
     if on_progress is not None:
         on_progress("done", total, total)
     return rows
 
 
-def _build_cache(lm: LoadedModel, store, ids: list[int], name: str) -> KnowledgeBase:
-    """Prefill the context and store it; the knowledge base keeps the cache in memory."""
+def _check_peer(lm: LoadedModel, peer: str | None) -> None:
+    """Refuse a peer that cannot run, before any measurement."""
+    if peer is None:
+        return
+    if peer not in PEERS:
+        raise BenchError(f"unknown peer {peer!r}: choose one of {', '.join(PEERS)}")
+    if lm.name.split(":")[0] != EMBEDDED_NAME:
+        raise BenchError(f"the {peer} peer runs the embedded model's GGUF: bench the default model "
+                         f"({DEFAULT_MODEL!r}), not {lm.name!r}")
+    if lm.device.type != "cpu":
+        raise BenchError(f"the {peer} peer runs on the CPU: bench on the CPU to compare like with like")
+    from .peer_llamacpp import llama_cpp_module
+
+    llama_cpp_module()  # raises PeerError, with how to install it, when it is missing
+
+
+@dataclass
+class _Alone:
+    """Each question asked alone, ``repeats`` times; per question the median time, the last answer."""
+
+    answers: list = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    restore: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+    peer_answers: list = field(default_factory=list)
+    peer_total: list[float] = field(default_factory=list)
+    peer_ttft: list[float] = field(default_factory=list)
+    peer_decode_tok_s: list[float] = field(default_factory=list)
+
+
+def _per_question(t: _Target, questions: list[str], max_new_tokens: int, peer: str | None, ids: list[int],
+                  step: Callable[[str], None]) -> _Alone:
+    """Each question alone: restore from the store (warm) + ask; the peer, if any, right after each one.
+
+    Alternating question by question puts both engines under the same load, which on a
+    shared machine drifts more between minutes than between seconds.
+    """
+    question_ids = [t.kb.prompt.question_ids(q) for q in questions]
+    engine = _open_peer(t.lm, peer, ids, question_ids, max_new_tokens) if peer else None
+    runs: list[list[tuple]] = [[] for _ in questions]
+    peer_runs: list[list] = [[] for _ in questions]
+    try:
+        for r in range(t.repeats):
+            step(f"{t.kb.boundary} tokens: {len(questions)} questions one at a time ({r + 1}/{t.repeats})")
+            for i, question in enumerate(questions):
+                kb = load(t.kb.key, model=t.lm, store=t.store)
+                runs[i].append((kb.ask(question, max_new_tokens=max_new_tokens), kb.restore_s))
+                if engine is not None:
+                    peer_runs[i].append(engine.answer(question_ids[i]))
+    finally:
+        if engine is not None:
+            engine.close()
+    out = _Alone()
+    for own, theirs in zip(runs, peer_runs):
+        out.answers.append(own[-1][0])
+        out.total.append(_median([a.total_s for a, _ in own]))
+        out.ttft.append(_median([a.ttft_s for a, _ in own]))
+        out.restore.append(_median([s for _, s in own]))
+        out.decode_tok_s.append(_median([_decode_rate(a.new_tokens, a.total_s - a.ttft_s) for a, _ in own]))
+        if theirs:
+            out.peer_answers.append(theirs[-1])
+            out.peer_total.append(_median([p.total_s for p in theirs]))
+            out.peer_ttft.append(_median([p.restore_s + p.prefill_s for p in theirs]))
+            out.peer_decode_tok_s.append(_median([p.decode_tokens_per_s for p in theirs]))
+    return out
+
+
+def _decode_rate(new_tokens: int, seconds: float) -> float:
+    """Tokens per second after the first (which the prefill's logits give)."""
+    return (new_tokens - 1) / seconds if new_tokens > 1 and seconds > 0 else 0.0
+
+
+def _open_peer(lm: LoadedModel, peer: str, ids: list[int], question_ids: list[list[int]], max_new_tokens: int):
+    from .peer_llamacpp import LlamaCppPeer
+
+    return LlamaCppPeer(ids, threads=torch.get_num_threads(), max_question_tokens=max(map(len, question_ids)),
+                        new_tokens=max_new_tokens, eos_token_ids=lm.eos_token_ids)
+
+
+def _batched(kb: KnowledgeBase, questions: list[str], batch_size: int, max_new_tokens: int, repeats: int,
+             step: Callable[[str], None]) -> tuple[float, float, float]:
+    """Seconds to answer all the questions one by one and in batches (medians), and the share of equal answers."""
+    one, many = [], []
+    for r in range(repeats):
+        step(f"{kb.boundary} tokens: {len(questions)} questions one by one, then in batches of {batch_size} "
+             f"({r + 1}/{repeats})")
+        start = time.perf_counter()
+        alone = kb.ask_many(questions, batch_size=1, max_new_tokens=max_new_tokens)
+        one.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        together = kb.ask_many(questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        many.append(time.perf_counter() - start)
+    return _median(one), _median(many), _share_identical(together, alone)
+
+
+def _share_identical(answers: Sequence, references: Sequence) -> float:
+    """Share of answers whose token ids equal the reference's (Answer or PeerQuestion rows)."""
+    same = sum(list(a.token_ids) == list(b.token_ids) for a, b in zip(answers, references))
+    return same / len(references) if references else 0.0
+
+
+def _build_cache(lm: LoadedModel, store, ids: list[int], name: str, kv_dtype: str) -> tuple[KnowledgeBase, object]:
+    """Prefill the context and store it in ``kv_dtype``; returns the knowledge base and the full-precision cache.
+
+    The knowledge base answers from what was stored: the prefilled cache itself when
+    stored in the model's dtype, otherwise the stored one, restored on first use.
+    """
     cache = prefill(lm, ids).cache
     metadata = CacheMetadata(
         model_name=lm.name,
         fingerprint=lm.fingerprint,
         tokenizer_hash=lm.tokenizer_hash,
-        kv_dtype=str(lm.dtype).removeprefix("torch."),
+        kv_dtype=kv_dtype,
         tokens=len(ids),
         boundary=len(ids),
         num_layers=len(cache.layers),
@@ -445,17 +599,20 @@ def _build_cache(lm: LoadedModel, store, ids: list[int], name: str) -> Knowledge
         created=now_iso(),
     )
     entry = store.put(cache, ids, metadata, name=name)
-    return KnowledgeBase(lm, store, entry, cache=cache, context_ids=ids)
+    in_memory = cache if kv_dtype == str(lm.dtype).removeprefix("torch.") else None
+    return KnowledgeBase(lm, store, entry, cache=in_memory, context_ids=ids), cache
 
 
-def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float]], target: _Target, answers,
-         max_new_tokens, repeats) -> BenchRow:
+def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float]], target: _Target, alone: _Alone,
+         reference, batch_size: int, batched: tuple[float, float, float], max_new_tokens, repeats) -> BenchRow:
     size = path.stat().st_size if path is not None else kb.entry.bytes
     kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in
                    ((layer.keys, layer.values) for layer in kb.cache.layers))
     prompt_tokens = len(ids) + len(kb.prompt.question_ids(target.question))
     restore_warm = _median(target.restore_warm)
     restore_cold = _median(target.restore_cold)
+    mean = statistics.fmean
+    has_peer = bool(alone.peer_answers)
     return BenchRow(
         requested_tokens=requested,
         context_tokens=len(ids),
@@ -463,9 +620,12 @@ def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float
         ttft_restored_cold_s=times["ttft_restored_cold_s"],
         ttft_restored_warm_s=times["ttft_restored_warm_s"],
         ttft_in_memory_s=times["ttft_in_memory_s"],
-        per_question_s=statistics.fmean(a.total_s for a in answers),
-        per_question_ttft_s=statistics.fmean(a.ttft_s for a in answers),
-        questions=len(answers),
+        per_question_s=mean(alone.total),
+        per_question_ttft_s=mean(alone.ttft),
+        per_question_restore_s=mean(alone.restore),
+        new_tokens=mean(a.new_tokens for a in alone.answers),
+        decode_tok_s=mean(alone.decode_tok_s),
+        questions=len(alone.answers),
         max_new_tokens=max_new_tokens,
         prefill_tok_s=prompt_tokens / times["ttft_full_s"],
         cache_bytes=size,
@@ -478,6 +638,18 @@ def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float
         raw_read_mb_s=size / _median(raw[0]) / _MB if raw[0] else None,
         raw_read_cold_mb_s=size / _median(raw[1]) / _MB if raw[1] else None,
         cold_dropped=bool(target.cold_dropped) and all(target.cold_dropped),
+        kv_dtype=kb.entry.kv_dtype,
+        identical_to_full_precision=None if reference is None else _share_identical(alone.answers, reference),
+        batch_size=min(batch_size, len(alone.answers)),
+        one_by_one_s=batched[0],
+        batched_s=batched[1],
+        batch_identical=batched[2],
+        peer="llama.cpp" if has_peer else None,
+        peer_per_question_s=mean(alone.peer_total) if has_peer else None,
+        peer_ttft_s=mean(alone.peer_ttft) if has_peer else None,
+        peer_new_tokens=mean(len(p.token_ids) for p in alone.peer_answers) if has_peer else None,
+        peer_decode_tok_s=mean(alone.peer_decode_tok_s) if has_peer else None,
+        peer_identical=_share_identical(alone.peer_answers, alone.answers) if has_peer else None,
         repeats=repeats,
         cache_name=f"bench-{requested}",
         model=lm.name,

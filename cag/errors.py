@@ -17,6 +17,10 @@ __all__ = [
     "StoreError",
     "InvalidNameError",
     "DatasetError",
+    "RetrieverError",
+    "EmbeddingModelError",
+    "BenchError",
+    "PeerError",
 ]
 
 
@@ -62,3 +66,19 @@ class InvalidNameError(StoreError):
 
 class DatasetError(CagError):
     """An evaluation dataset is missing, unreadable or lacks a required field."""
+
+
+class RetrieverError(CagError):
+    """A retriever cannot be built (e.g. a missing optional package)."""
+
+
+class EmbeddingModelError(ModelError):
+    """The embedding model (all-MiniLM-L6-v2) is not installed or cannot be loaded."""
+
+
+class BenchError(CagError):
+    """The benchmark cannot run as asked (no questions, no plotting library...)."""
+
+
+class PeerError(CagError):
+    """The llama.cpp peer cannot run (not installed, or llama.cpp refused the model or state)."""

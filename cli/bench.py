@@ -1,4 +1,4 @@
-"""``cag bench``: time to first token with and without the cache, at several context lengths."""
+"""``cag bench``: time to first token with and without the cache, per-question latency, batching, llama.cpp."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from . import ui
+from .options import HomeOpt, KvDtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt
 
 
 def bench(
@@ -18,30 +19,40 @@ def bench(
     lengths: str = typer.Option("512,1024,2048,4096", "--lengths", "-l",
                                 help="Context lengths in tokens, comma-separated (1k = 1024); clipped to the model's window."),
     questions: Optional[Path] = typer.Option(None, "--questions", "-q", help="File with one question per line (default: bundled)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: 'smollm2' (embedded default), a local folder or a Hugging Face id."),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Tokens per answer in the per-question timing."),
+    model: Optional[str] = ModelOpt,
+    quantize: Optional[str] = QuantizeOpt,
+    kv_dtype: Optional[str] = KvDtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens per answer in the per-question timings."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Questions per batch in the batched timing."),
+    peer: Optional[str] = typer.Option(None, "--peer", help="Also time llama.cpp ('llamacpp') on the same GGUF, questions and threads, "
+                                       "alternating with cag question by question; needs `pip install llama-cpp-python`."),
     repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Runs per measurement; the median is reported."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per context length on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of time to first token against context length."),
-    home: Optional[Path] = typer.Option(None, "--home", help="Cache home (default $CAG_HOME or ~/.cache/cag).", envvar="CAG_HOME"),
+    home: Optional[Path] = HomeOpt,
 ) -> None:
-    """Measure time to first token (re-prefill, restored cold/warm, in memory), restore speed and cache size."""
+    """Measure time to first token (re-prefill, restored cold/warm, in memory), per-question latency,
+    batched asking, restore speed and cache size; optionally against llama.cpp."""
     import cag
     from cag import bench as lib
+    from cag.model import set_threads
 
     wanted = _parse_lengths(lengths)
     with ui.one_line_errors():
         asked = lib.read_questions(questions) if questions is not None else lib.bundled_questions()
         documents = cag.load_documents(docs) if docs else None
         with ui.status("Loading model (the first run converts the embedded model, ~30 s)…", quiet=json_out):
-            lm = cag.load_model(model, home=home)
+            set_threads(threads)
+            lm = cag.load_model(model, home=home, quantize=quantize)
         fitted = lib.fit_lengths(lm, wanted, asked, max_new_tokens)
         if not json_out and max(wanted) > max(fitted):
             ui.err.print(f"[yellow]note:[/] lengths above {max(fitted):,} tokens clipped to fit the model's "
                          f"{lm.max_context:,}-token window with a question and its answer")
         with _progress(quiet=json_out) as on_progress:
             rows = lib.run_bench(lm, fitted, asked, documents=documents, home=home, max_new_tokens=max_new_tokens,
-                                 repeats=repeats, on_progress=on_progress)
+                                 repeats=repeats, kv_dtype=kv_dtype, batch_size=batch_size, peer=peer,
+                                 on_progress=on_progress)
         if plot is not None:
             lib.plot_rows(rows, plot)
     if json_out:
@@ -102,9 +113,8 @@ def _tables(rows, machine: dict) -> list[Table]:
         "full: re-prefill of context and question; cold, warm: cache restored from disk with the file "
         "out of / in the page cache; in memory: cache already loaded; speed-up: full / warm. "
         f"{first.model} on {first.device} ({machine['cpu']}, {machine['cores']} cores, {first.threads} torch threads); "
-        f"medians of {first.repeats} run(s); per question: mean over {first.questions} questions, "
-        f"up to {first.max_new_tokens} new tokens each{cold_note}"))
-    for header in ("context", "full", "cold", "warm", "in memory", "speed-up", "per question"):
+        f"medians of {first.repeats} run(s){cold_note}"))
+    for header in ("context", "full", "cold", "warm", "in memory", "speed-up"):
         ttft.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         ttft.add_row(
@@ -114,15 +124,46 @@ def _tables(rows, machine: dict) -> list[Table]:
             _seconds(r.ttft_restored_warm_s),
             _seconds(r.ttft_in_memory_s),
             f"{r.speedup_warm:,.1f}×",
-            _seconds(r.per_question_s),
         )
     disk = Table(title="cache on disk", caption=(
-        "tok/s: prefill speed of the full re-prefill; B/token: bytes on disk per context token; restore, cold: MB/s (10^6 bytes) of a warm and a cold restore; "
-        "raw, raw cold: MB/s of a plain safetensors.torch.load_file reading the same file, warm and cold"))
+        f"stored as {first.kv_dtype}; tok/s: prefill speed of the full re-prefill; B/token: bytes on disk per context "
+        "token; restore, cold: MB/s (10^6 bytes) of a warm and a cold restore; raw, raw cold: MB/s of a plain "
+        "safetensors read of the same file, warm and cold"))
     for header in ("tokens", "tok/s", "size", "B/token", "restore", "cold", "raw", "raw cold"):
         disk.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         disk.add_row(f"{r.context_tokens:,}", f"{r.prefill_tok_s:,.0f}", ui.human_size(r.cache_bytes),
                      f"{r.bytes_per_token:,.0f}", _mb_s(r.restore_mb_s), _mb_s(r.restore_cold_mb_s),
                      _mb_s(r.raw_read_mb_s), _mb_s(r.raw_read_cold_mb_s))
-    return [ttft, disk]
+    return [ttft, *_answers_tables(rows), disk]
+
+
+def _answers_tables(rows) -> list[Table]:
+    """Per question (restore + question + answer) and batched; then the peer, where there is one."""
+    first = rows[0]
+    agreement = first.identical_to_full_precision is not None
+    table = Table(title="answering", caption=(
+        f"per question: each of {first.questions} questions alone, cache restored warm from the store, up to "
+        f"{first.max_new_tokens} new tokens (mean {first.new_tokens:.0f}); first: restore + question prefill; "
+        f"batched: throughput of all {first.questions} in batches of {first.batch_size} over one by one; same: "
+        "share of batched answers identical to one-by-one"
+        + ("; agrees: share of answers identical to those of the full-precision cache" if agreement else "")))
+    for header in ["context", "first", "tok/s", "per question", "batched", "same"] + (["agrees"] if agreement else []):
+        table.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        cells = [f"{r.context_tokens:,}", _seconds(r.per_question_ttft_s), f"{r.decode_tok_s:,.1f}",
+                 _seconds(r.per_question_s), f"{r.batch_speedup:,.1f}×", f"{r.batch_identical:.0%}"]
+        table.add_row(*cells + ([f"{r.identical_to_full_precision:.0%}"] if agreement else []))
+    if first.peer is None:
+        return [table]
+    peer = Table(title=f"per question, cag and {first.peer}", caption=(
+        f"{first.peer}: the same context and question tokens and the same GGUF at {first.threads} thread(s), its "
+        f"state restored from memory, alternated with cag question by question; ×: cag's time / {first.peer}'s; "
+        f"same: share of its answers token-identical to cag's"))
+    for header in ("context", "cag", "tok/s", first.peer, "tok/s ", "×", "same"):
+        peer.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        peer.add_row(f"{r.context_tokens:,}", _seconds(r.per_question_s), f"{r.decode_tok_s:,.1f}",
+                     _seconds(r.peer_per_question_s), f"{r.peer_decode_tok_s:,.1f}", f"{r.vs_peer:.2f}",
+                     f"{r.peer_identical:.0%}")
+    return [table, peer]

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import ui
+from .options import HomeOpt, ModelOpt
 
 __all__ = ["eval_command"]
 
@@ -23,7 +24,7 @@ def eval_command(
     context: Optional[str] = typer.Option(None, "--context", help="Only these context ids (comma list), e.g. small,medium."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Answer at most this many questions."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens per answer (greedy decoding)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model: 'smollm2' (embedded default), a local folder or a Hugging Face id."),
+    model: Optional[str] = ModelOpt,
     split: Optional[str] = typer.Option(None, "--split", help="Split of a hub dataset (default: test, else validation, else train)."),
     question_field: Optional[str] = typer.Option(None, "--question-field", help="Column holding the question (default: question)."),
     answers_field: Optional[str] = typer.Option(None, "--answers-field", help="Column holding the reference answers (default: answers or answer)."),
@@ -31,7 +32,7 @@ def eval_command(
     context_field: Optional[str] = typer.Option(None, "--context-field", help="Column naming each row's document set (default: context_id)."),
     answers_out: Optional[Path] = typer.Option(None, "--answers-out", help="Also write every answer, scored, to this JSONL file."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per system (and top-k) on stdout."),
-    home: Optional[Path] = typer.Option(None, "--home", help="Cache home (default $CAG_HOME or ~/.cache/cag).", envvar="CAG_HOME"),
+    home: Optional[Path] = HomeOpt,
 ) -> None:
     """Answer every question with CAG, BM25 RAG, dense RAG and the uncached full prompt; score and time them."""
     import cag

@@ -13,6 +13,7 @@ from rich import box
 from rich.table import Table
 
 from . import ui
+from .options import HomeOpt, JsonOpt, KvDtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt
 
 app = typer.Typer(
     name="cag",
@@ -25,13 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-ModelOpt = typer.Option(None, "--model", "-m", help="Model: 'smollm2' (embedded default), a local folder or a Hugging Face id.")
-HomeOpt = typer.Option(None, "--home", help="Cache home (default $CAG_HOME or ~/.cache/cag).", envvar="CAG_HOME")
-JsonOpt = typer.Option(False, "--json", help="Machine-readable output: one JSON object per line on stdout.")
-QuantizeOpt = typer.Option(None, "--quantize", help="Weight quantization on the CPU: 'int8' (faster decoding; its caches are its own).")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: $CAG_THREADS, else the cores this process may use that are not busy).")
-
 
 def _store(home: Optional[Path]):
     from cag.knowledge import open_store
@@ -46,7 +40,7 @@ def build(
     model: Optional[str] = ModelOpt,
     chunk_size: int = typer.Option(512, "--chunk-size", min=16, help="Tokens per prefill step."),
     quantize: Optional[str] = QuantizeOpt,
-    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="Store the cache as float32, bfloat16, float16 or int8 (default: the model's dtype)."),
+    kv_dtype: Optional[str] = KvDtypeOpt,
     threads: Optional[int] = ThreadsOpt,
     json_out: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from . import ui
+from .options import HomeOpt
 
 
 def prompt_command(
@@ -20,7 +21,7 @@ def prompt_command(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens in the answer."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
-    home: Optional[Path] = typer.Option(None, "--home", help="Cache home (default $CAG_HOME or ~/.cache/cag).", envvar="CAG_HOME"),
+    home: Optional[Path] = HomeOpt,
 ) -> None:
     """Answer a prompt, reusing the longest cached prefix of it and caching it for next time."""
     import cag

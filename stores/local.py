@@ -279,6 +279,10 @@ class LocalStore:
                     break  # nothing can share more
         return best
 
+    def path(self, entry: Entry) -> Path:
+        """The file holding ``entry`` on this machine (for tools that time or inspect it; read it through ``restore``)."""
+        return self._path(entry.key)
+
     def verify(self) -> VerifyReport:
         report = VerifyReport()
         # Hashing every file can take long, so it runs without the lock; each finding is

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from cag.bench import BenchError, bundled_questions, fit_lengths, read_questions, run_bench
 from cag.cli.main import app
 from cag.documents import Document
-from cag.errors import PromptError
+from cag.errors import CagError, PromptError
 from cag.knowledge import open_store
 
 runner = CliRunner()
@@ -19,11 +19,12 @@ runner = CliRunner()
 DOCUMENTED_FIELDS = {
     "context_tokens", "ttft_full_s", "ttft_restored_cold_s", "ttft_restored_warm_s", "ttft_in_memory_s",
     "bytes_per_token", "restore_mb_s", "raw_read_mb_s", "raw_read_cold_mb_s", "per_question_s", "prefill_tok_s",
-    "cold_dropped",
+    "cold_dropped", "kv_dtype", "identical_to_full_precision", "batch_speedup", "batch_identical", "vs_peer",
 }
 TIMES = ("ttft_full_s", "ttft_restored_cold_s", "ttft_restored_warm_s", "ttft_in_memory_s", "per_question_s",
-         "per_question_ttft_s", "restore_warm_s", "restore_cold_s")
-RATES = ("prefill_tok_s", "restore_mb_s", "restore_cold_mb_s", "raw_read_mb_s")
+         "per_question_ttft_s", "per_question_restore_s", "restore_warm_s", "restore_cold_s", "one_by_one_s",
+         "batched_s")
+RATES = ("prefill_tok_s", "restore_mb_s", "restore_cold_mb_s", "raw_read_mb_s", "batch_speedup")
 
 
 def _kv_bytes_per_token(lm) -> int:
@@ -39,7 +40,11 @@ def _assert_sane(row: dict, requested: int, kv_per_token: int) -> None:
     assert requested - 8 <= row["context_tokens"] <= requested
     for name in TIMES + RATES:
         assert isinstance(row[name], float) and math.isfinite(row[name]) and row[name] > 0, (name, row[name])
-    assert row["per_question_s"] >= row["per_question_ttft_s"]  # an answer's time includes its first token
+    assert row["per_question_s"] >= row["per_question_ttft_s"] >= row["per_question_restore_s"]
+    assert 0 <= row["new_tokens"] <= row["max_new_tokens"] and row["decode_tok_s"] >= 0
+    # Batched answers are the one-by-one greedy answers.
+    assert row["batch_identical"] == 1.0 and 1 <= row["batch_size"] <= row["questions"]
+    assert row["peer"] is row["vs_peer"] is row["peer_per_question_s"] is None  # no peer asked for
     assert isinstance(row["cold_dropped"], bool)
     # A cold read needs the OS to drop the file's pages; where it cannot, there is no cold read to report.
     assert row["raw_read_cold_mb_s"] is None or row["raw_read_cold_mb_s"] > 0
@@ -139,3 +144,64 @@ def test_cli_table_and_bad_lengths(tiny_dir, home, docs):
     assert result.exit_code == 0, result.output
     assert "time to first token" in result.stdout and "cache on disk" in result.stdout
     assert "clipped" in result.output  # 2k does not fit the tiny model's 1,024-token window
+
+
+def test_a_smaller_kv_dtype_reports_agreement_with_the_full_precision_cache(tiny, home):
+    questions = bundled_questions()[:2]
+    (full,) = run_bench(tiny, [256], questions, home=home, max_new_tokens=4, repeats=1)
+    (small,) = run_bench(tiny, [256], questions, home=home, max_new_tokens=4, repeats=1, kv_dtype="int8")
+    assert full.kv_dtype == "float32" and full.identical_to_full_precision is None
+    assert small.kv_dtype == "int8" and open_store(home).resolve("bench-256").kv_dtype == "int8"
+    assert small.identical_to_full_precision in (0.0, 0.5, 1.0)  # a share of the 2 answers
+    assert small.bytes_per_token < 0.4 * full.bytes_per_token  # int8 codes and their scales
+    with pytest.raises(CagError, match="unsupported KV dtype"):
+        run_bench(tiny, [256], questions, home=home, repeats=1, kv_dtype="int4")
+
+
+class _FakePeer:
+    """Stands in for llama.cpp: answers each question with fixed timings and tokens."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def answer(self, question_ids):
+        from cag.peer_llamacpp import PeerQuestion
+
+        self.log.append(("peer", len(question_ids)))
+        return PeerQuestion(len(question_ids), 3, restore_s=0.01, prefill_s=0.02, decode_s=0.04, total_s=0.07,
+                            token_ids=[5, 6, 7])
+
+    def close(self) -> None:
+        self.log.append(("closed", 0))
+
+
+def test_the_peer_alternates_with_cag_question_by_question(tiny, home, monkeypatch):
+    import cag.bench as bench
+
+    log: list = []
+    monkeypatch.setattr(bench, "_check_peer", lambda lm, peer: None)  # the tiny model has no GGUF
+    monkeypatch.setattr(bench, "_open_peer", lambda *args: _FakePeer(log))
+    real_load = bench.load
+    monkeypatch.setattr(bench, "load", lambda *a, **k: (log.append(("cag", 0)), real_load(*a, **k))[1])
+    questions = bundled_questions()[:2]
+    (row,) = run_bench(tiny, [256], questions, home=home, max_new_tokens=3, repeats=2, peer="llamacpp")
+
+    per_question = [who for who, _ in log if who != "closed"][-8:]  # the last four: 2 repeats x 2 questions
+    assert per_question == ["cag", "peer"] * 4 and log[-1][0] == "closed"
+    assert row.peer == "llama.cpp" and row.peer_per_question_s == pytest.approx(0.07)
+    assert row.peer_ttft_s == pytest.approx(0.03) and row.peer_new_tokens == 3
+    assert row.peer_decode_tok_s == pytest.approx(2 / 0.04)
+    assert row.vs_peer == pytest.approx(row.per_question_s / 0.07)
+    assert row.to_dict()["vs_peer"] == pytest.approx(row.vs_peer, rel=1e-4)
+    assert row.peer_identical == 0.0  # the fake's tokens are not the model's answer
+
+
+def test_cli_refuses_a_peer_it_cannot_run(tiny_dir, home, docs):
+    result = runner.invoke(app, ["bench", str(docs), "--model", str(tiny_dir), "--lengths", "256", "--peer", "vllm",
+                                 "--home", str(home)])
+    assert result.exit_code == 1 and "unknown peer 'vllm'" in result.output
+    result = runner.invoke(app, ["bench", str(docs), "--model", str(tiny_dir), "--lengths", "256", "--peer", "llamacpp",
+                                 "--home", str(home)])
+    assert result.exit_code == 1 and "embedded model's GGUF" in result.output
+    assert "Traceback" not in result.output
+    assert open_store(home).entries() == []  # refused before any cache was built
