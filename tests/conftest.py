@@ -6,7 +6,9 @@ embedded default model.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,21 @@ def real_home(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("real-home")
     load_model(home=path)  # converts the embedded GGUF into path/models
     return path
+
+
+def header_of(path: Path) -> dict:
+    """The JSON header of a safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n])
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's header through ``edit(header)``, keeping the data as it is."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])

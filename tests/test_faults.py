@@ -5,7 +5,6 @@ Each gives a clear error (never a load of bad data) and leaves the store usable.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import struct
@@ -21,6 +20,7 @@ import cag.kvcache as kvcache
 from cag.errors import CacheNotFoundError, CorruptCacheError, StoreError
 from cag.kvcache import MAX_HEADER_BYTES, CacheMetadata, cache_from_layers, load_cache, read_token_ids
 from cag.stores import LocalStore
+from conftest import header_of, rewrite_header
 
 FP = "f" * 64
 
@@ -55,7 +55,7 @@ def two(store):
 
 
 def file_of(store: LocalStore, entry) -> Path:
-    return store.root / "entries" / f"{entry.key}.safetensors"
+    return store.path(entry)
 
 
 def data_start(path: Path) -> int:
@@ -64,10 +64,8 @@ def data_start(path: Path) -> int:
 
 
 def tensor_span(path: Path, name: str) -> tuple[int, int]:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    begin, end = json.loads(raw[8 : 8 + n])[name]["data_offsets"]
-    return 8 + n + begin, 8 + n + end
+    begin, end = header_of(path)[name]["data_offsets"]
+    return data_start(path) + begin, data_start(path) + end
 
 
 def flip(path: Path, offset: int) -> None:
@@ -358,16 +356,6 @@ def test_header_just_over_the_limit_is_refused_even_if_the_file_is_large(tmp_pat
         read_token_ids(path)
 
 
-def _rewrite_header(path: Path, edit) -> None:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
-
-
 MALFORMED = {
     "not-json": None,
     "tensor-outside-file": lambda h: h["layers.0.keys"].update(data_offsets=[0, 10**12]),
@@ -401,7 +389,7 @@ def test_malformed_header_is_refused_and_quarantined(store, two, kind):
         (n,) = struct.unpack("<Q", raw[:8])
         path.write_bytes(raw[:8] + b"{" * n + raw[8 + n :])
     else:
-        _rewrite_header(path, MALFORMED[kind])
+        rewrite_header(path, MALFORMED[kind])
     with pytest.raises(CorruptCacheError):
         store.restore(victim, 10)
     assert not path.exists() and quarantined(store)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from cag.kvcache import (
 )
 from cag.prefill import prefill
 from cag.stores import LocalStore
+from conftest import header_of, rewrite_header
 
 G = INT8_KEY_GROUP_TOKENS
 
@@ -55,22 +55,6 @@ def save(tmp_path: Path, cache, kv_dtype: str, tokens: int | None = None) -> Pat
     path = tmp_path / f"{kv_dtype}-{n}.safetensors"
     save_cache(path, cache, list(range(n)), meta(n, kv_dtype, len(cache.layers)))
     return path
-
-
-def header_of(path: Path) -> dict:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + n])
-
-
-def rewrite_header(path: Path, edit) -> None:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    edit(header)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
 
 
 def int8_error_bound(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
