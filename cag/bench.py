@@ -100,7 +100,7 @@ class BenchRow:
     prefill_tok_s: float  # prompt tokens / ttft_full_s
     cache_bytes: int
     bytes_per_token: float  # file bytes / context tokens: KV tensors, token ids and header
-    kv_bytes_per_token: float  # the KV tensors alone
+    kv_bytes_per_token: float  # the KV tensors in memory, as restored (float32 for an int8 file)
     restore_warm_s: float
     restore_cold_s: float
     restore_mb_s: float  # file bytes / warm restore seconds
