@@ -160,7 +160,7 @@ def _answers_tables(rows) -> list[Table]:
         f"{first.peer}: the same context and question tokens and the same GGUF at {first.threads} thread(s), its "
         f"state restored from memory, alternated with cag question by question; ×: cag's time / {first.peer}'s; "
         f"same: share of its answers token-identical to cag's"))
-    for header in ("context", "cag", "tok/s", first.peer, "tok/s ", "×", "same"):
+    for header in ("context", "cag", "tok/s", first.peer, "tok/s", "×", "same"):
         peer.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         peer.add_row(f"{r.context_tokens:,}", _seconds(r.per_question_s), f"{r.decode_tok_s:,.1f}",

@@ -27,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 def _store(home: Optional[Path]):
     from cag.knowledge import open_store
 
