@@ -19,7 +19,7 @@ It also measures
 * batched asking: ``ask_many`` of all the questions in batches against one asking them
   one by one, and whether the answers are the same;
 * with a ``kv_dtype`` other than the model's, the share of answers from the stored
-  cache identical to those from the full-precision cache;
+  cache identical to those from the cache as prefilled, in the model's dtype;
 * the cache's bytes per token on disk, and restore throughput next to a plain
   ``safetensors`` read of the same file, warm (from the page cache) and cold (from the
   disk: the floor any cold restore is held to).
@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from .documents import Document
 from .errors import BenchError, PromptError
@@ -94,13 +95,13 @@ class BenchRow:
     per_question_ttft_s: float  # restore + question prefill, up to the first new token
     per_question_restore_s: float
     new_tokens: float  # mean new tokens per answer (an answer ends at max_new_tokens or the end-of-turn token)
-    decode_tok_s: float  # tokens after the first / the time they took, mean over the questions
+    decode_tok_s: float  # tokens after each answer's first / the seconds they took, summed over the questions
     questions: int
     max_new_tokens: int
     prefill_tok_s: float  # prompt tokens / ttft_full_s
     cache_bytes: int
     bytes_per_token: float  # file bytes / context tokens: KV tensors, token ids and header
-    kv_bytes_per_token: float  # the KV tensors in memory, as restored (float32 for an int8 file)
+    kv_bytes_per_token: float  # the KV tensors in memory as restored, whose dtype may differ from the file's
     restore_warm_s: float
     restore_cold_s: float
     restore_mb_s: float  # file bytes / warm restore seconds
@@ -109,8 +110,8 @@ class BenchRow:
     raw_read_cold_mb_s: float | None  # the same read with the file's pages dropped first: the disk's floor
     cold_dropped: bool  # whether the file's pages were really out of the page cache for the cold runs
     kv_dtype: str  # how the cache is stored
-    # Share of the per-question answers (from the stored cache) token-identical to the answers
-    # from the full-precision cache; None when the cache is stored in the model's own dtype.
+    # Share of the per-question answers (from the stored cache) token-identical to the answers from
+    # the cache as prefilled, in the model's dtype; None when the cache is stored in that dtype.
     identical_to_full_precision: float | None
     batch_size: int
     one_by_one_s: float  # all the questions asked one by one, cache in memory (median of the repeats)
@@ -146,7 +147,8 @@ class BenchRow:
     def to_dict(self) -> dict:
         row = asdict(self)
         row.update(speedup_warm=self.speedup_warm, batch_speedup=self.batch_speedup, vs_peer=self.vs_peer)
-        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+        # JSON has no infinity: a ratio over a zero time is reported as null.
+        return {k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in row.items()}
 
 
 # ----------------------------------------------------------------------- inputs
@@ -450,7 +452,7 @@ def run_bench(
         step(f"{tokens} tokens: cutting the documents")
         ids = _context_of_length(builder, documents, tokens)
         step(f"{tokens} tokens: prefilling and storing the cache")
-        kb, full_precision = _build_cache(lm, store, ids, f"bench-{tokens}", kv_dtype)
+        kb, prefilled = _build_cache(lm, store, ids, f"bench-{tokens}", kv_dtype)
         path = _entry_path(store, kb.entry)
         target = _Target(lm, store, kb, path, questions[0], repeats)
         step(f"{tokens} tokens: warming up, plain reads of the file")
@@ -464,13 +466,15 @@ def run_bench(
                 runs.append(measure(target))
             times[column] = _median(runs)
         step(f"{tokens} tokens: starting {peer}" if peer else f"{tokens} tokens: per question")
-        alone = _per_question(target, questions, max_new_tokens, peer, ids, step)
-        step(f"{tokens} tokens: answers of the full-precision cache")
+        alone = _per_question(target, questions, max_new_tokens, peer, ids, lambda what: step(f"{tokens} tokens: {what}"))
         reference = None
-        if full_precision is not kb.cache:
-            ref = KnowledgeBase(lm, store, kb.entry, cache=full_precision, context_ids=ids)
+        if prefilled is kb.cache:
+            step(f"{tokens} tokens: stored as prefilled, no reference answers needed")
+        else:
+            step(f"{tokens} tokens: reference answers from the cache as prefilled ({lm.dtype})")
+            ref = KnowledgeBase(lm, store, kb.entry, cache=prefilled, context_ids=ids)
             reference = [ref.ask(q, max_new_tokens=max_new_tokens) for q in questions]
-        batched = _batched(kb, questions, batch_size, max_new_tokens, repeats, step)
+        batched = _batched(kb, questions, batch_size, max_new_tokens, repeats, lambda what: step(f"{tokens} tokens: {what}"))
         rows.append(_row(lm, kb, ids, tokens, path, times, (raw_warm, raw_cold), target, alone, reference, batch_size,
                          batched, max_new_tokens, repeats))
     if on_progress is not None:
@@ -502,11 +506,11 @@ class _Alone:
     total: list[float] = field(default_factory=list)
     ttft: list[float] = field(default_factory=list)
     restore: list[float] = field(default_factory=list)
-    decode_tok_s: list[float] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)  # after the first token
     peer_answers: list = field(default_factory=list)
     peer_total: list[float] = field(default_factory=list)
     peer_ttft: list[float] = field(default_factory=list)
-    peer_decode_tok_s: list[float] = field(default_factory=list)
+    peer_decode_s: list[float] = field(default_factory=list)
 
 
 def _per_question(t: _Target, questions: list[str], max_new_tokens: int, peer: str | None, ids: list[int],
@@ -522,7 +526,7 @@ def _per_question(t: _Target, questions: list[str], max_new_tokens: int, peer: s
     peer_runs: list[list] = [[] for _ in questions]
     try:
         for r in range(t.repeats):
-            step(f"{t.kb.boundary} tokens: {len(questions)} questions one at a time ({r + 1}/{t.repeats})")
+            step(f"{len(questions)} questions one at a time ({r + 1}/{t.repeats})")
             for i, question in enumerate(questions):
                 kb = load(t.kb.key, model=t.lm, store=t.store)
                 runs[i].append((kb.ask(question, max_new_tokens=max_new_tokens), kb.restore_s))
@@ -537,18 +541,22 @@ def _per_question(t: _Target, questions: list[str], max_new_tokens: int, peer: s
         out.total.append(_median([a.total_s for a, _ in own]))
         out.ttft.append(_median([a.ttft_s for a, _ in own]))
         out.restore.append(_median([s for _, s in own]))
-        out.decode_tok_s.append(_median([_decode_rate(a.new_tokens, a.total_s - a.ttft_s) for a, _ in own]))
+        out.decode_s.append(_median([a.total_s - a.ttft_s for a, _ in own]))
         if theirs:
             out.peer_answers.append(theirs[-1])
             out.peer_total.append(_median([p.total_s for p in theirs]))
             out.peer_ttft.append(_median([p.restore_s + p.prefill_s for p in theirs]))
-            out.peer_decode_tok_s.append(_median([p.decode_tokens_per_s for p in theirs]))
+            out.peer_decode_s.append(_median([p.decode_s for p in theirs]))
     return out
 
 
-def _decode_rate(new_tokens: int, seconds: float) -> float:
-    """Tokens per second after the first (which the prefill's logits give)."""
-    return (new_tokens - 1) / seconds if new_tokens > 1 and seconds > 0 else 0.0
+def _decode_rate(new_tokens: Sequence[int], seconds: Sequence[float]) -> float:
+    """Decoding speed over all the answers: the tokens after each answer's first (which the
+    prefill's logits give) over the seconds they took. Summed, so a one-token answer adds no
+    time and no tokens instead of a rate of zero."""
+    tokens = sum(max(0, n - 1) for n in new_tokens)
+    spent = sum(seconds)
+    return tokens / spent if spent > 0 else 0.0
 
 
 def _open_peer(lm: LoadedModel, peer: str, ids: list[int], question_ids: list[list[int]], max_new_tokens: int):
@@ -563,8 +571,7 @@ def _batched(kb: KnowledgeBase, questions: list[str], batch_size: int, max_new_t
     """Seconds to answer all the questions one by one and in batches (medians), and the share of equal answers."""
     one, many = [], []
     for r in range(repeats):
-        step(f"{kb.boundary} tokens: {len(questions)} questions one by one, then in batches of {batch_size} "
-             f"({r + 1}/{repeats})")
+        step(f"{len(questions)} questions one by one, then in batches of {batch_size} ({r + 1}/{repeats})")
         start = time.perf_counter()
         alone = kb.ask_many(questions, batch_size=1, max_new_tokens=max_new_tokens)
         one.append(time.perf_counter() - start)
@@ -580,8 +587,8 @@ def _share_identical(answers: Sequence, references: Sequence) -> float:
     return same / len(references) if references else 0.0
 
 
-def _build_cache(lm: LoadedModel, store, ids: list[int], name: str, kv_dtype: str) -> tuple[KnowledgeBase, object]:
-    """Prefill the context and store it in ``kv_dtype``; returns the knowledge base and the full-precision cache.
+def _build_cache(lm: LoadedModel, store, ids: list[int], name: str, kv_dtype: str) -> tuple[KnowledgeBase, DynamicCache]:
+    """Prefill the context and store it in ``kv_dtype``; returns the knowledge base and the cache as prefilled.
 
     The knowledge base answers from what was stored: the prefilled cache itself when
     stored in the model's dtype, otherwise the stored one, restored on first use.
@@ -624,7 +631,7 @@ def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float
         per_question_ttft_s=mean(alone.ttft),
         per_question_restore_s=mean(alone.restore),
         new_tokens=mean(a.new_tokens for a in alone.answers),
-        decode_tok_s=mean(alone.decode_tok_s),
+        decode_tok_s=_decode_rate([a.new_tokens for a in alone.answers], alone.decode_s),
         questions=len(alone.answers),
         max_new_tokens=max_new_tokens,
         prefill_tok_s=prompt_tokens / times["ttft_full_s"],
@@ -648,7 +655,7 @@ def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float
         peer_per_question_s=mean(alone.peer_total) if has_peer else None,
         peer_ttft_s=mean(alone.peer_ttft) if has_peer else None,
         peer_new_tokens=mean(len(p.token_ids) for p in alone.peer_answers) if has_peer else None,
-        peer_decode_tok_s=mean(alone.peer_decode_tok_s) if has_peer else None,
+        peer_decode_tok_s=_decode_rate([len(p.token_ids) for p in alone.peer_answers], alone.peer_decode_s) if has_peer else None,
         peer_identical=_share_identical(alone.peer_answers, alone.answers) if has_peer else None,
         repeats=repeats,
         cache_name=f"bench-{requested}",

@@ -25,8 +25,9 @@ def bench(
     threads: Optional[int] = ThreadsOpt,
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Most tokens per answer in the per-question timings."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Questions per batch in the batched timing."),
-    peer: Optional[str] = typer.Option(None, "--peer", help="Also time llama.cpp ('llamacpp') on the same GGUF, questions and threads, "
-                                       "alternating with cag question by question; needs `pip install llama-cpp-python`."),
+    peer: Optional[str] = typer.Option(None, "--peer", help="Also time llama.cpp ('llamacpp') running the embedded model's GGUF file on the same context "
+                                       "and questions at the same thread count, alternating with cag question by question; "
+                                       "needs `pip install llama-cpp-python`."),
     repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Runs per measurement; the median is reported."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per context length on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of time to first token against context length."),
@@ -144,10 +145,11 @@ def _answers_tables(rows) -> list[Table]:
     agreement = first.identical_to_full_precision is not None
     table = Table(title="answering", caption=(
         f"per question: each of {first.questions} questions alone, cache restored warm from the store, up to "
-        f"{first.max_new_tokens} new tokens (mean {first.new_tokens:.0f}); first: restore + question prefill; "
+        f"{first.max_new_tokens} new tokens; first: restore + question prefill; tok/s: decoding after the first token; "
         f"batched: throughput of all {first.questions} in batches of {first.batch_size} over one by one; same: "
         "share of batched answers identical to one-by-one"
-        + ("; agrees: share of answers identical to those of the full-precision cache" if agreement else "")))
+        + (f"; agrees: share of answers identical to those of the cache as prefilled ({first.kv_dtype} stored)"
+           if agreement else "")))
     for header in ["context", "first", "tok/s", "per question", "batched", "same"] + (["agrees"] if agreement else []):
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
@@ -157,13 +159,14 @@ def _answers_tables(rows) -> list[Table]:
     if first.peer is None:
         return [table]
     peer = Table(title=f"per question, cag and {first.peer}", caption=(
-        f"{first.peer}: the same context and question tokens and the same GGUF at {first.threads} thread(s), its "
-        f"state restored from memory, alternated with cag question by question; ×: cag's time / {first.peer}'s; "
+        f"{first.peer}: the embedded model's GGUF file, the same context and question tokens, {first.threads} "
+        f"thread(s), its state restored from memory, alternated with cag question by question; cag: {first.model} "
+        f"with a {first.kv_dtype} cache; first: restore + question prefill; ×: cag's time / {first.peer}'s; "
         f"same: share of its answers token-identical to cag's"))
-    for header in ("context", "cag", "tok/s", first.peer, "tok/s", "×", "same"):
+    for header in ("context", "cag", "first", "tok/s", first.peer, "first", "tok/s", "×", "same"):
         peer.add_column(header, justify="right", no_wrap=True)
     for r in rows:
-        peer.add_row(f"{r.context_tokens:,}", _seconds(r.per_question_s), f"{r.decode_tok_s:,.1f}",
-                     _seconds(r.peer_per_question_s), f"{r.peer_decode_tok_s:,.1f}", f"{r.vs_peer:.2f}",
-                     f"{r.peer_identical:.0%}")
+        peer.add_row(f"{r.context_tokens:,}", _seconds(r.per_question_s), _seconds(r.per_question_ttft_s),
+                     f"{r.decode_tok_s:,.1f}", _seconds(r.peer_per_question_s), _seconds(r.peer_ttft_s),
+                     f"{r.peer_decode_tok_s:,.1f}", f"{r.vs_peer:.2f}", f"{r.peer_identical:.0%}")
     return [table, peer]

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cag.bench import BenchError, bundled_questions, fit_lengths, read_questions, run_bench
@@ -77,6 +78,8 @@ def test_run_bench_measures_every_mode(tiny, home):
     dones = [done for _, done, _ in events]
     assert dones == sorted(dones) and events[-1][1] == events[-1][2] > 0
     assert len({total for _, _, total in events}) == 1
+    # Every announced step happens once: 0, 1, ..., total - 1, then "done".
+    assert dones == list(range(events[-1][2] + 1))
 
 
 def test_short_documents_are_repeated_to_reach_the_length(tiny, home):
@@ -158,6 +161,29 @@ def test_a_smaller_kv_dtype_reports_agreement_with_the_full_precision_cache(tiny
         run_bench(tiny, [256], questions, home=home, repeats=1, kv_dtype="int4")
 
 
+def test_the_reference_for_a_smaller_kv_dtype_is_the_cache_as_prefilled(tiny, home):
+    from cag.bench import _build_cache
+    from cag.prefill import prefill
+
+    ids = tiny.tokenizer("Badges are issued at the front desk. " * 20)["input_ids"]
+    kb, prefilled = _build_cache(tiny, open_store(home), ids, "ref", "int8")
+    fresh = prefill(tiny, ids).cache
+    for mine, theirs in zip(prefilled.layers, fresh.layers):
+        assert mine.keys.dtype == tiny.dtype and torch.equal(mine.keys, theirs.keys)
+        assert torch.equal(mine.values, theirs.values)
+    # The knowledge base answers from the stored int8 file, which differs from the prefilled cache.
+    assert kb.entry.kv_dtype == "int8"
+    assert not torch.equal(kb.cache.layers[0].keys.to(tiny.dtype), prefilled.layers[0].keys)
+
+
+def test_decode_speed_sums_tokens_and_seconds_over_the_answers():
+    from cag.bench import _decode_rate
+
+    # A one-token answer adds neither tokens nor time, instead of a rate of zero in a mean.
+    assert _decode_rate([1, 5, 3], [0.0, 0.4, 0.2]) == pytest.approx((4 + 2) / 0.6)
+    assert _decode_rate([1], [0.0]) == 0.0
+
+
 class _FakePeer:
     """Stands in for llama.cpp: answers each question with fixed timings and tokens."""
 
@@ -194,6 +220,25 @@ def test_the_peer_alternates_with_cag_question_by_question(tiny, home, monkeypat
     assert row.vs_peer == pytest.approx(row.per_question_s / 0.07)
     assert row.to_dict()["vs_peer"] == pytest.approx(row.vs_peer, rel=1e-4)
     assert row.peer_identical == 0.0  # the fake's tokens are not the model's answer
+
+
+def test_the_peer_is_closed_when_a_measurement_fails(tiny, home, monkeypatch):
+    import cag.bench as bench
+
+    log: list = []
+    monkeypatch.setattr(bench, "_check_peer", lambda lm, peer: None)
+    monkeypatch.setattr(bench, "_open_peer", lambda *args: (log.append(("opened", 0)), _FakePeer(log))[1])
+    real_load = bench.load
+
+    def load_failing_once_the_peer_runs(*args, **kwargs):
+        if log:
+            raise RuntimeError("disk gone")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "load", load_failing_once_the_peer_runs)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        run_bench(tiny, [256], bundled_questions()[:2], home=home, max_new_tokens=2, repeats=1, peer="llamacpp")
+    assert log == [("opened", 0), ("closed", 0)]
 
 
 def test_cli_refuses_a_peer_it_cannot_run(tiny_dir, home, docs):
