@@ -49,8 +49,8 @@ from transformers import DynamicCache
 
 from .documents import Document
 from .errors import BenchError, PromptError
-from .knowledge import KnowledgeBase, load, open_store
-from .kvcache import CacheMetadata, check_kv_dtype, now_iso
+from .knowledge import KnowledgeBase, load, open_store, store_context
+from .kvcache import check_kv_dtype
 from .model import DEFAULT_MODEL, EMBEDDED_NAME, LoadedModel
 from .prefill import prefill
 from .prompt import PromptBuilder
@@ -432,7 +432,7 @@ def run_bench(
         raise BenchError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise BenchError(f"batch size must be at least 1, got {batch_size}")
-    kv_dtype = check_kv_dtype(kv_dtype) if kv_dtype is not None else str(lm.dtype).removeprefix("torch.")
+    kv_dtype = check_kv_dtype(kv_dtype if kv_dtype is not None else lm.dtype)
     _check_peer(lm, peer)
     targets = fit_lengths(lm, lengths, questions, max_new_tokens)
     store = open_store(home, store)
@@ -588,26 +588,10 @@ def _share_identical(answers: Sequence, references: Sequence) -> float:
 
 
 def _build_cache(lm: LoadedModel, store, ids: list[int], name: str, kv_dtype: str) -> tuple[KnowledgeBase, DynamicCache]:
-    """Prefill the context and store it in ``kv_dtype``; returns the knowledge base and the cache as prefilled.
-
-    The knowledge base answers from what was stored: the prefilled cache itself when
-    stored in the model's dtype, otherwise the stored one, restored on first use.
-    """
+    """Prefill the context and store it in ``kv_dtype``; returns the knowledge base (which answers from
+    what was stored) and the cache as prefilled."""
     cache = prefill(lm, ids).cache
-    metadata = CacheMetadata(
-        model_name=lm.name,
-        fingerprint=lm.fingerprint,
-        tokenizer_hash=lm.tokenizer_hash,
-        kv_dtype=kv_dtype,
-        tokens=len(ids),
-        boundary=len(ids),
-        num_layers=len(cache.layers),
-        sources=("cag bench",),
-        created=now_iso(),
-    )
-    entry = store.put(cache, ids, metadata, name=name)
-    in_memory = cache if kv_dtype == str(lm.dtype).removeprefix("torch.") else None
-    return KnowledgeBase(lm, store, entry, cache=in_memory, context_ids=ids), cache
+    return store_context(lm, store, cache, ids, kv_dtype=kv_dtype, sources=("cag bench",), name=name), cache
 
 
 def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float]], target: _Target, alone: _Alone,

@@ -20,7 +20,7 @@ from .model import LoadedModel, _split_quantize, load_model
 from .prefill import DEFAULT_CHUNK_SIZE, ProgressCallback, prefill
 from .prompt import PromptBuilder
 
-__all__ = ["Answer", "BuildReport", "KnowledgeBase", "build", "load", "open_store", "resolve_model"]
+__all__ = ["Answer", "BuildReport", "KnowledgeBase", "build", "load", "open_store", "resolve_model", "store_context"]
 
 
 @dataclass
@@ -309,6 +309,30 @@ def build(
     if reused < len(ids):
         progress = (lambda done, total: on_progress(reused + done, len(ids))) if on_progress else None
         cache = prefill(lm, ids[reused:], cache, chunk_size=chunk_size, on_progress=progress).cache
+    sources = tuple(doc.source for doc in documents)
+    kb = store_context(lm, store, cache, ids, kv_dtype=kv_dtype, sources=sources, name=name)
+    kb.report = BuildReport(
+        name=name, key=kb.key, tokens=len(ids), bytes=kb.entry.bytes, seconds=time.perf_counter() - start,
+        reused_tokens=reused, prefilled_tokens=len(ids) - reused, sources=list(sources),
+    )
+    return kb
+
+
+def store_context(
+    lm: LoadedModel,
+    store,
+    cache: DynamicCache,
+    ids: list[int],
+    *,
+    kv_dtype: str,
+    sources: Sequence[str],
+    name: str | None = None,
+) -> KnowledgeBase:
+    """Store a prefilled context cache (``ids`` are its tokens) in ``kv_dtype``; returns its knowledge base.
+
+    A cache stored in the model's dtype stays in memory; one stored in another dtype is
+    answered from what was stored, restored on first use, as a later ``load`` would.
+    """
     metadata = CacheMetadata(
         model_name=lm.name,
         fingerprint=lm.fingerprint,
@@ -317,18 +341,12 @@ def build(
         tokens=len(ids),
         boundary=len(ids),
         num_layers=len(cache.layers),
-        sources=tuple(doc.source for doc in documents),
+        sources=tuple(sources),
         created=now_iso(),
     )
     entry = store.put(cache, ids, metadata, name=name)
-    # A cache stored in another dtype answers from what was stored, as a later load would.
     in_memory = cache if kv_dtype == _kv_dtype_name(lm) else None
-    kb = KnowledgeBase(lm, store, entry, cache=in_memory, context_ids=ids)
-    kb.report = BuildReport(
-        name=name, key=entry.key, tokens=len(ids), bytes=entry.bytes, seconds=time.perf_counter() - start,
-        reused_tokens=reused, prefilled_tokens=len(ids) - reused, sources=list(metadata.sources),
-    )
-    return kb
+    return KnowledgeBase(lm, store, entry, cache=in_memory, context_ids=ids)
 
 
 def _as_documents(inputs: Sequence, stdin: TextIO | None) -> list[Document]:
