@@ -466,7 +466,8 @@ def run_bench(
                 runs.append(measure(target))
             times[column] = _median(runs)
         step(f"{tokens} tokens: starting {peer}" if peer else f"{tokens} tokens: per question")
-        alone = _per_question(target, questions, max_new_tokens, peer, ids, lambda what: step(f"{tokens} tokens: {what}"))
+        step_here = lambda what: step(f"{tokens} tokens: {what}")  # noqa: E731
+        alone = _per_question(target, questions, max_new_tokens, peer, ids, step_here)
         reference = None
         if prefilled is kb.cache:
             step(f"{tokens} tokens: stored as prefilled, no reference answers needed")
@@ -474,7 +475,7 @@ def run_bench(
             step(f"{tokens} tokens: reference answers from the cache as prefilled ({lm.dtype})")
             ref = KnowledgeBase(lm, store, kb.entry, cache=prefilled, context_ids=ids)
             reference = [ref.ask(q, max_new_tokens=max_new_tokens) for q in questions]
-        batched = _batched(kb, questions, batch_size, max_new_tokens, repeats, lambda what: step(f"{tokens} tokens: {what}"))
+        batched = _batched(kb, questions, batch_size, max_new_tokens, repeats, step_here)
         rows.append(_row(lm, kb, ids, tokens, path, times, (raw_warm, raw_cold), target, alone, reference, batch_size,
                          batched, max_new_tokens, repeats))
     if on_progress is not None:

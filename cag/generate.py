@@ -47,24 +47,23 @@ class TextStream:
 
     def push(self, token_id: int) -> None:
         self._ids.append(token_id)
-        if self._on_text is None:
-            return
-        text = self.text()
-        # A trailing replacement character is half of a multi-byte character: wait for the rest.
-        if not text.endswith("\ufffd") and len(text) > self._emitted:
-            self._on_text(text[self._emitted :])
-            self._emitted = len(text)
+        self._emit(final=False)
 
     def text(self) -> str:
         return self._tokenizer.decode(self._ids, skip_special_tokens=True)
 
     def flush(self) -> None:
         """At the end: emit what is left, even a character whose other half never came."""
-        if self._on_text is not None:
-            text = self.text()
-            if len(text) > self._emitted:
-                self._on_text(text[self._emitted :])
-                self._emitted = len(text)
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        if self._on_text is None:
+            return
+        text = self.text()
+        # A trailing replacement character is half of a multi-byte character: wait for the rest.
+        if (final or not text.endswith("\ufffd")) and len(text) > self._emitted:
+            self._on_text(text[self._emitted :])
+            self._emitted = len(text)
 
 
 def _generator(temperature: float, seed: int | None) -> torch.Generator | None:
