@@ -32,7 +32,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .model import LoadedModel
+from .model import LoadedModel, forward
 
 __all__ = [
     "ATTENTION_NAME",
@@ -368,12 +368,12 @@ class SharedPrefixBatch:
         if q_len > 1 or bool((self._pad > 0).any()):
             mask = self._mask(columns)
         with torch.inference_mode(), _attention_swapped(self.lm.model):
-            out = self.lm.model(
+            out = forward(
+                self.lm.model,
+                self.cache,
                 input_ids=ids,
                 position_ids=positions,
                 attention_mask=mask,
-                past_key_values=self.cache,
-                use_cache=True,
                 logits_to_keep=1,
                 **{_STATE_KWARG: self.cache},
             )

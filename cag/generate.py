@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from .batch import SharedPrefixBatch, UnsupportedAttention, supports_shared_prefix
 from .kvcache import crop_to
-from .model import LoadedModel
+from .model import LoadedModel, forward
 from .prefill import DEFAULT_CHUNK_SIZE, prefill
 
 __all__ = ["Generation", "generate", "generate_batch", "TextStream"]
@@ -232,7 +232,7 @@ def _generate_appending(
                 stream.flush()
                 break
             device_ids.fill_(stream._ids[-1])
-            out = lm.model(input_ids=device_ids, past_key_values=cache, use_cache=True)
+            out = forward(lm.model, cache, input_ids=device_ids)
             logits = out.logits[0, -1].float()
     finally:
         if not extend:

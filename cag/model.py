@@ -8,9 +8,11 @@ since de-quantizing the GGUF takes ~30 s and loading the folder takes well under
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -37,6 +39,7 @@ __all__ = [
     "default_device",
     "default_threads",
     "set_threads",
+    "forward",
 ]
 
 DEFAULT_MODEL = "smollm2"
@@ -65,6 +68,21 @@ class LoadedModel:
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
+
+
+def forward(model: Any, cache: Any, **inputs: Any) -> Any:
+    """One forward pass of ``model`` that reads and extends ``cache``.
+
+    transformers renamed the cache argument (``past_key_values`` became ``cache`` in 5.2x,
+    with the old name deprecated): pass it under the name the installed version takes.
+    """
+    return model(**inputs, use_cache=True, **{_cache_argument(type(model)): cache})
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def default_device() -> torch.device:

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from .model import LoadedModel
+from .model import LoadedModel, forward
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "PrefillResult", "prefill", "new_cache"]
 
@@ -52,7 +52,7 @@ def prefill(
     start = time.perf_counter()
     for begin in range(0, total, max(1, chunk_size)):
         chunk = ids[:, begin : begin + chunk_size]
-        out = lm.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = forward(lm.model, cache, input_ids=chunk, logits_to_keep=1)
         logits = out.logits[0, -1].float()
         if on_progress is not None:
             on_progress(min(begin + chunk.shape[1], total), total)

@@ -7,6 +7,7 @@ cache holds are exactly the first tokens of every full prompt built from it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,9 +21,11 @@ DEFAULT_INSTRUCTIONS = (
     "If the documents do not contain the answer, say so."
 )
 
-# Stands in for the documents when rendering the question turn: the turn must not
-# depend on what the system message holds (checked at build time).
-_PLACEHOLDER = "\u2063"
+# Message contents are rendered as numbered slots: what the template writes around them
+# is tokenized with its control tokens, what fills them as plain text, so a document or
+# a message that spells `<|im_start|>` cannot open a turn of its own.
+_SLOT = "\ue000{}\ue001"
+_SLOTS = re.compile("\ue000(\\d+)\ue001")
 
 
 def render_documents(documents: Sequence[Any]) -> str:
@@ -42,21 +45,13 @@ class PromptBuilder:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def context_text(self, documents: Sequence[Any]) -> str:
-        system = f"{self.instructions}\n\n{render_documents(documents)}"
-        if not self.has_chat_template:
-            return f"{system}\n\n"
-        prefix = self._render([{"role": "system", "content": system}], generation_prompt=False)
-        full = self._render([{"role": "system", "content": system}, {"role": "user", "content": "?"}], generation_prompt=True)
-        if not full.startswith(prefix) or full[len(prefix):] != self._question_text("?"):
-            raise PromptError(
-                "the model's chat template does not render the documents as a prefix that questions can follow; "
-                "use a model whose template supports a system message"
-            )
-        return prefix
+        """The context prefix as text, for display; ``context_ids`` is what is cached."""
+        return self._fill(*self._context(documents))
 
     def context_ids(self, documents: Sequence[Any], max_context: int | None = None) -> list[int]:
         """Token ids of the context prefix; raises before any prefill if they cannot fit."""
-        ids = self._encode(self.context_text(documents), special=not self.has_chat_template)
+        slotted, contents = self._context(documents)
+        ids = self._encode(slotted, contents, bos=not self.has_chat_template)
         if max_context is not None and len(ids) >= max_context:
             raise ContextTooLongError(
                 f"the documents take {len(ids):,} tokens but the model's context window is {max_context:,} tokens: "
@@ -68,28 +63,65 @@ class PromptBuilder:
         """Token ids of a question turn, ending where the answer starts."""
         if not question.strip():
             raise PromptError("the question is empty: pass some text to ask")
-        return self._encode(self._question_text(question.strip()), special=False)
+        question = question.strip()
+        if not self.has_chat_template:
+            return self._encode("Question: " + _SLOT.format(0) + "\nAnswer:", [question])
+        messages = [{"role": "system", "content": ""}, {"role": "user", "content": question}]
+        prefix = self._slotted(messages[:1], generation_prompt=False)
+        full = self._slotted(messages, generation_prompt=True)
+        return self._encode(full[len(prefix):], [m["content"] for m in messages])
 
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a whole chat, ending where the assistant's answer starts."""
+        contents = [m["content"] for m in messages]
         if not self.has_chat_template:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return self._encode(text, special=True)
-        return self._encode(self._render(list(messages), generation_prompt=True), special=False)
+            text = "".join(f"{m['role']}: {_SLOT.format(i)}\n" for i, m in enumerate(messages)) + "assistant:"
+            return self._encode(text, contents, bos=True)
+        return self._encode(self._slotted(messages, generation_prompt=True), contents)
 
-    def _question_text(self, question: str) -> str:
+    def _context(self, documents: Sequence[Any]) -> tuple[str, list[str]]:
+        """The context prefix as slotted text and the contents of its slots."""
+        contents = [f"{self.instructions}\n\n{render_documents(documents)}"]
         if not self.has_chat_template:
-            return f"Question: {question}\nAnswer:"
-        system = [{"role": "system", "content": _PLACEHOLDER}]
-        prefix = self._render(system, generation_prompt=False)
-        full = self._render(system + [{"role": "user", "content": question}], generation_prompt=True)
-        return full[len(prefix):]
+            return _SLOT.format(0) + "\n\n", contents
+        system = [{"role": "system", "content": contents[0]}]
+        prefix = self._slotted(system, generation_prompt=False)
+        full = self._slotted(system + [{"role": "user", "content": "?"}], generation_prompt=True)
+        if not full.startswith(prefix) or _SLOT.format(0) not in prefix:
+            raise PromptError(
+                "the model's chat template does not render the documents as a prefix that questions can follow; "
+                "use a model whose template supports a system message"
+            )
+        return prefix, contents
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    def _slotted(self, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
+        slots = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            return self.tokenizer.apply_chat_template(slots, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # templates raise their own exception types
             raise PromptError(f"the model's chat template failed: {exc}") from exc
 
-    def _encode(self, text: str, special: bool) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+    @staticmethod
+    def _fill(slotted: str, contents: Sequence[str]) -> str:
+        return _SLOTS.sub(lambda m: contents[int(m.group(1))], slotted)
+
+    def _encode(self, slotted: str, contents: Sequence[str], bos: bool = False) -> list[int]:
+        """Template text with its control tokens; slot contents with every special-token string split."""
+        parts = _SLOTS.split(slotted)
+        ids: list[int] = []
+        if bos:
+            ids += self._bos()
+        for index, part in enumerate(parts):
+            if index % 2 == 0:
+                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
+            else:
+                ids += self._plain(contents[int(part)])
+        return ids
+
+    def _bos(self) -> list[int]:
+        """The tokenizer's beginning-of-sequence token, if it adds one (chat templates write their own)."""
+        bos = self.tokenizer.bos_token_id
+        return [bos] if bos is not None and self.tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+    def _plain(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])

@@ -6,6 +6,7 @@ import torch
 
 import cag
 from cag.kvcache import crop_to
+from cag.model import forward
 from cag.prompt import PromptBuilder
 
 
@@ -22,7 +23,7 @@ def test_restored_cache_logits_match_full_forward(tiny, docs, home):
 
     restored = kb.store.restore(kb.entry, kb.boundary - 1)  # all context tokens but the last
     with torch.inference_mode():
-        out = tiny.model(input_ids=torch.tensor([kb.context_ids[-1:] + question]), past_key_values=restored.cache)
+        out = forward(tiny.model, restored.cache, input_ids=torch.tensor([kb.context_ids[-1:] + question]))
     logits = out.logits[0].float()
 
     torch.testing.assert_close(logits[0], full[kb.boundary - 1], atol=1e-4, rtol=0)  # last context token

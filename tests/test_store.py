@@ -16,6 +16,7 @@ import cag
 from cag.errors import CacheNotFoundError, InvalidNameError
 from cag.hashing import block_hashes, chain_seed, sequence_key
 from cag.kvcache import CacheMetadata, cache_from_layers
+from cag.model import forward
 from cag.prefill import prefill
 from cag.stores import CacheStore, Entry, LocalStore, PrefixMatch, validate_name
 
@@ -87,7 +88,7 @@ def _assert_restored_logits_match(tiny, store, match: PrefixMatch, prompt: list[
     assert restored.token_ids == prompt[: match.tokens]
     with torch.no_grad():
         full = tiny.model(input_ids=torch.tensor([prompt])).logits[0, match.tokens :]
-        rest = tiny.model(input_ids=torch.tensor([prompt[match.tokens :]]), past_key_values=restored.cache).logits[0]
+        rest = forward(tiny.model, restored.cache, input_ids=torch.tensor([prompt[match.tokens :]])).logits[0]
     torch.testing.assert_close(rest, full, atol=1e-4, rtol=0)
 
 
@@ -311,7 +312,7 @@ def test_restored_prefix_continues_like_a_full_forward(tiny, long_entry):
     restored = store.restore(entry, 300)
     with torch.no_grad():
         full = tiny.model(input_ids=torch.tensor([ids[:310]])).logits[0, 300:]
-        rest = tiny.model(input_ids=torch.tensor([ids[300:310]]), past_key_values=restored.cache).logits[0]
+        rest = forward(tiny.model, restored.cache, input_ids=torch.tensor([ids[300:310]])).logits[0]
     torch.testing.assert_close(rest, full, atol=1e-4, rtol=0)
 
 
