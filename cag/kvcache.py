@@ -1,4 +1,7 @@
-"""KV caches on disk: transformers' ``DynamicCache`` <-> a safetensors file.
+"""The KV cache file format: transformers' ``DynamicCache`` <-> a safetensors file.
+
+Header, layout, checksums, the writer and the reader live here; the int8 codec that
+int8 files store is ``kvint8``.
 
 File layout (format ``cag-kv`` version 1), all in one safetensors file:
 
@@ -11,9 +14,8 @@ File layout (format ``cag-kv`` version 1), all in one safetensors file:
   block of tokens, so corruption is caught on every load, including prefix loads.
 
 The KV dtype on disk is ``float32``, ``bfloat16``, ``float16`` or ``int8``. An int8
-file quantizes as KIVI does (Liu et al., 2024): keys per channel, values per token,
-asymmetric, ``x ~= q * scale + zero``. It adds four float32 tensors per layer and one
-metadata field (``kv_key_group_tokens``):
+file (``kvint8``: KIVI's keys per channel, values per token) adds four float32 tensors
+per layer and one metadata field (``kv_key_group_tokens``):
 
 * ``layers.{i}.keys_scale`` / ``keys_zero``: ``[1, kv_heads, ceil(tokens / G), head_dim]``,
   one row per group of ``G`` tokens (keys have outlier *channels*, so each channel
@@ -58,6 +60,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .errors import CacheNotFoundError, CagError, CorruptCacheError, StoreError
+from .kvint8 import INT8_KEY_GROUP_TOKENS, dequantize_layer, quantize_layer
 
 try:  # ISA-L's CRC-32 is zlib's, ~5x faster (carry-less multiply); the checksums are identical
     from isal.isal_zlib import crc32 as _crc32
@@ -88,9 +91,6 @@ CRC_BLOCK_TOKENS = 256
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 
 KV_DTYPES = ("float32", "bfloat16", "float16", "int8")
-# Tokens per key quantization group: smaller groups follow the keys more closely and
-# cost more scale bytes (8 bytes per channel per group). Must divide CRC_BLOCK_TOKENS.
-INT8_KEY_GROUP_TOKENS = 64
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value; Python 3.11 lacks the name
 _FLOAT_KV = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KV_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16", "half": "float16"}
@@ -116,15 +116,16 @@ class CacheMetadata:
     tokenizer_hash: str
     kv_dtype: str
     tokens: int
-    boundary: int
     num_layers: int
     sources: tuple[str, ...] = ()
     created: str = ""
-    format_version: int = FORMAT_VERSION
 
     def to_header(self, block_crcs: Sequence[int], token_crc: int) -> dict[str, str]:
         header = {k: str(v) for k, v in asdict(self).items() if k not in ("sources",)}
         header["sources"] = json.dumps(list(self.sources))
+        # Version 1 files spell out a context boundary; every writer has set it to ``tokens``.
+        header["boundary"] = str(self.tokens)
+        header["format_version"] = str(FORMAT_VERSION)
         header["format"] = FORMAT_NAME
         header["crc_block_tokens"] = str(CRC_BLOCK_TOKENS)
         header["block_crc32"] = ",".join(f"{c:08x}" for c in block_crcs)
@@ -140,11 +141,9 @@ class CacheMetadata:
                 tokenizer_hash=header["tokenizer_hash"],
                 kv_dtype=header["kv_dtype"],
                 tokens=int(header["tokens"]),
-                boundary=int(header["boundary"]),
                 num_layers=int(header["num_layers"]),
                 sources=tuple(json.loads(header.get("sources", "[]"))),
                 created=header.get("created", ""),
-                format_version=int(header["format_version"]),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise CorruptCacheError(f"{path}: cache header lacks or garbles {exc}") from exc
@@ -244,44 +243,7 @@ def _encode_layer(keys: torch.Tensor, values: torch.Tensor, kv_dtype: str, group
     if kv_dtype in _FLOAT_KV:
         dtype = _FLOAT_KV[kv_dtype]
         return {"keys": keys.to("cpu", dtype).contiguous(), "values": values.to("cpu", dtype).contiguous()}
-    kq, ks, kz = _quantize_keys(keys, group)
-    vq, vs, vz = _quantize_values(values)
-    out = {"keys": kq, "keys_scale": ks, "keys_zero": kz, "values": vq, "values_scale": vs, "values_zero": vz}
-    return {name: t.to("cpu").contiguous() for name, t in out.items()}
-
-
-def _quantize_keys(keys: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per channel over groups of ``group`` tokens; a short last group is padded with its own last token."""
-    x = keys.float().contiguous()
-    b, h, t, d = x.shape
-    groups = -(-t // group)
-    pad = groups * group - t
-    if pad:
-        x = torch.cat([x, x[:, :, -1:].expand(b, h, pad, d)], dim=2)
-    g = x.view(b, h, groups, group, d)
-    scale, zero = _scale_zero(g.amin(dim=3), g.amax(dim=3))
-    q = _codes(g, scale.unsqueeze(3), zero.unsqueeze(3)).view(b, h, groups * group, d)[:, :, :t]
-    return q, scale, zero
-
-
-def _quantize_values(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per token (over the channels of each head)."""
-    x = values.float()
-    scale, zero = _scale_zero(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True))
-    return _codes(x, scale, zero), scale, zero
-
-
-def _scale_zero(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map [lo, hi] onto the 256 codes -128..127; a constant range gets scale 1 (its code is exact)."""
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        raise ValueError("the cache holds non-finite values (inf or nan): it cannot be quantized to int8")
-    scale = (hi - lo) / 255
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, lo + 128 * scale
-
-
-def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return torch.round((x - zero) / scale).clamp_(-128, 127).to(torch.int8)
+    return {name: t.to("cpu").contiguous() for name, t in quantize_layer(keys, values, group).items()}
 
 
 # ----------------------------------------------------------------------- write
@@ -470,7 +432,8 @@ def _restore_layer(
         dest = tuple(torch.empty(src.shape[:2] + (n, src.shape[3]), dtype=result, device=device) for src in (keys_src, values_src))  # type: ignore[assignment]
     keys, values = dest[0][:, :, :n], dest[1][:, :, :n]
     if stored is None:
-        _dequantize_layer(views, i, n, group, keys, values)
+        stored_layer = {name.removeprefix(f"layers.{i}."): t for name, t in views.items() if name.startswith(f"layers.{i}.")}
+        dequantize_layer(stored_layer, n, group, keys, values)
     else:
         keys.copy_(keys_src[:, :, :n])  # one pass: dtype and device change in the same copy
         values.copy_(values_src[:, :, :n])
@@ -578,40 +541,6 @@ def _check_block_crcs(parts: list, header: _Header, meta: CacheMetadata, layout:
 def _check_token_crc(data: memoryview, header: _Header, path: Path) -> None:
     if f"{_crc32(data):08x}" != header.metadata.get("token_ids_crc32"):
         raise CorruptCacheError(f"{path}: checksum mismatch in the token ids, the file is corrupt")
-
-
-def _dequantize_layer(views: dict[str, torch.Tensor], i: int, n: int, group: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """De-quantize the first ``n`` tokens of layer ``i`` from the file into ``keys`` and ``values``.
-
-    The codes are widened by a plain copy, then scaled and shifted in place: mixed
-    int8-float arithmetic in one op takes torch's slow path (~10x slower here).
-    """
-    device = keys.device
-    get = lambda name, rows: views[f"layers.{i}.{name}"][:, :, :rows].to(device)  # noqa: E731
-    groups = -(-n // group)
-    kq, ks, kz = get("keys", n), get("keys_scale", groups), get("keys_zero", groups)
-    vq, vs, vz = get("values", n), get("values_scale", n), get("values_zero", n)
-    b, h, _, d = kq.shape
-    full = n // group
-    for dest, codes, scale, zero in _scaled_pieces(keys, kq, ks, kz, full, group, n, (b, h, d)) + [(values, vq, vs, vz)]:
-        work = dest if dest.dtype == torch.float32 else torch.empty(dest.shape, dtype=torch.float32, device=device)
-        work.copy_(codes)
-        work.mul_(scale).add_(zero)
-        if work is not dest:
-            dest.copy_(work)
-
-
-def _scaled_pieces(keys, kq, ks, kz, full: int, group: int, n: int, bhd: tuple[int, int, int]) -> list:
-    """Key pieces whose rows share a scale row: whole groups (viewed 5-D) and a short last group."""
-    b, h, d = bhd
-    pieces = []
-    if full:
-        rows, grouped = full * group, (b, h, full, group, d)
-        pieces.append((keys[:, :, :rows].view(grouped), kq[:, :, :rows].view(grouped), ks[:, :, :full, None], kz[:, :, :full, None]))
-    if n > full * group:
-        tail = slice(full * group, n)
-        pieces.append((keys[:, :, tail], kq[:, :, tail], ks[:, :, full : full + 1], kz[:, :, full : full + 1]))
-    return pieces
 
 
 def _read_header(path: Path) -> _Header:

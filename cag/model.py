@@ -69,6 +69,11 @@ class LoadedModel:
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
 
+    @property
+    def kv_dtype(self) -> str:
+        """The dtype of the KV cache this model writes ("float32"), as cache metadata names it."""
+        return str(self.dtype).removeprefix("torch.")
+
 
 def forward(model: Any, cache: Any, **inputs: Any) -> Any:
     """One forward pass of ``model`` that reads and extends ``cache``.
@@ -117,7 +122,7 @@ def _convert_embedded(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         # The GGUF reader draws tqdm bars straight to stderr; the library prints nothing.
-        with _quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+        with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # The weights are de-quantized to fp32 on load; what remains is a marker that
@@ -173,7 +178,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, quantize = _split_quantize(name or DEFAULT_MODEL, quantize)
+    base, quantize = split_quantize(name or DEFAULT_MODEL, quantize)
     if threads is not None or not _defaults_applied:
         set_threads(threads)
     display, source = _resolve_source(base, home)
@@ -182,7 +187,7 @@ def load_model(
         raise ModelError(f"--quantize {quantize} runs on the CPU only; drop it on {device.type}")
     dtype = dtype or torch.float32
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
@@ -206,7 +211,7 @@ def wrap_model(
     is that of the full-precision weights plus the quantization, and the name gains a
     ``:int8`` suffix, so caches record (and ``cag.load`` reloads) the quantized model.
     """
-    _, quantize = _split_quantize(name, quantize)
+    _, quantize = split_quantize(name, quantize)
     model.eval()
     param = next(model.parameters())
     tok_hash = tokenizer_hash(tokenizer)
@@ -233,7 +238,7 @@ def wrap_model(
     )
 
 
-def _split_quantize(name: str, quantize: str | None) -> tuple[str, str | None]:
+def split_quantize(name: str, quantize: str | None) -> tuple[str, str | None]:
     """``smollm2:int8`` -> (``smollm2``, ``int8``); checks that ``quantize`` is a known mode and agrees."""
     base, sep, suffix = name.rpartition(":")
     if sep and suffix in QUANTIZE_MODES and not Path(name).expanduser().exists():
@@ -250,7 +255,7 @@ def _quantize_weights(model: Any, tokenizer: Any, mode: str) -> None:
     quarter of the float32 weight bytes. Embeddings and norms stay in full precision."""
     from .quantize import CALIBRATION_TOKENS, calibration_text, quantize_linear_layers
 
-    if mode != "int8":  # pragma: no cover - _split_quantize admits only known modes
+    if mode != "int8":  # pragma: no cover - split_quantize admits only known modes
         raise ModelError(f"unknown quantization {mode!r}")
     if next(model.parameters()).device.type != "cpu":
         raise ModelError("int8 quantization runs on the CPU only: load the model on the CPU")
@@ -404,7 +409,7 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-class _quiet_transformers:
+class quiet_transformers:
     """Silence transformers' progress bars and warnings while loading."""
 
     def __enter__(self) -> None:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from .generate import generate
 from .kvcache import CacheMetadata, crop_to, now_iso
-from .knowledge import _kv_dtype_name, open_store, resolve_model
+from .knowledge import open_store, resolve_model
 from .model import LoadedModel
 from .prefill import new_cache
 from .prompt import PromptBuilder
@@ -54,7 +54,7 @@ class PromptCache:
         self.lm = resolve_model(model, home)
         self.store = open_store(home, store)
         self.prompt = PromptBuilder(self.lm.tokenizer)
-        self.kv_dtype = _kv_dtype_name(self.lm)
+        self.kv_dtype = self.lm.kv_dtype
         self.min_store_tokens = self.store.block_size if min_store_tokens is None else min_store_tokens
 
     def generate(
@@ -102,7 +102,6 @@ class PromptCache:
             tokenizer_hash=self.lm.tokenizer_hash,
             kv_dtype=self.kv_dtype,
             tokens=len(ids),
-            boundary=len(ids),
             num_layers=len(cache.layers),
             sources=("prompt",),
             created=now_iso(),

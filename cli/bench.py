@@ -36,7 +36,7 @@ def bench(
     """Measure time to first token (re-prefill, restored cold/warm, in memory), per-question latency,
     batched asking, restore speed and cache size; optionally against llama.cpp."""
     import cag
-    from cag import bench as lib
+    from cag.measure import bench as lib
     from cag.model import set_threads
 
     wanted = _parse_lengths(lengths)

@@ -36,7 +36,7 @@ def eval_command(
 ) -> None:
     """Answer every question with CAG, BM25 RAG, dense RAG and the uncached full prompt; score and time them."""
     import cag
-    from cag.evaluate import QAFields, check_systems, load_qa, run_eval, select_items
+    from cag.measure.evaluate import QAFields, check_systems, load_qa, run_eval, select_items
 
     ks = _parse_top_k(top_k)
     contexts = [c.strip() for c in context.split(",") if c.strip()] if context else None

@@ -231,7 +231,7 @@ def verify(json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
 
 def _entry_dict(e) -> dict:
     return {"names": list(e.names), "key": e.key, "model": e.model_name, "fingerprint": e.fingerprint,
-            "kv_dtype": e.kv_dtype, "tokens": e.tokens, "boundary": e.boundary, "blocks": e.blocks, "bytes": e.bytes,
+            "kv_dtype": e.kv_dtype, "tokens": e.tokens, "boundary": e.tokens, "blocks": e.blocks, "bytes": e.bytes,
             "created": _iso(e.created), "last_used": _iso(e.last_used), "hits": e.hits, "sources": list(e.sources)}
 
 

@@ -26,7 +26,6 @@ class Entry:
     fingerprint: str
     kv_dtype: str
     tokens: int
-    boundary: int
     bytes: int
     created: float
     last_used: float

@@ -148,7 +148,7 @@ class LocalStore:
                     "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,0) ON CONFLICT(key) DO UPDATE SET "
                     "bytes=excluded.bytes, sha256=excluded.sha256, created=excluded.created, last_used=excluded.last_used",
                     (key, metadata.model_name, metadata.fingerprint, metadata.kv_dtype, metadata.tokens,
-                     metadata.boundary, size, checksum, json.dumps(list(metadata.sources)), now, now),
+                     metadata.tokens, size, checksum, json.dumps(list(metadata.sources)), now, now),
                 )
                 hashes = block_hashes(ids, seed, self.block_size)
                 db.executemany("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", [(h, key, i) for i, h in enumerate(hashes)])
@@ -328,7 +328,7 @@ class LocalStore:
 
     def _entry(self, key: str) -> Entry | None:
         row = self._db.execute(
-            "SELECT key, model_name, fingerprint, kv_dtype, tokens, boundary, bytes, created, last_used, hits, sources "
+            "SELECT key, model_name, fingerprint, kv_dtype, tokens, bytes, created, last_used, hits, sources "
             "FROM entries WHERE key=?",
             (key,),
         ).fetchone()
@@ -336,7 +336,7 @@ class LocalStore:
             return None
         names = tuple(r[0] for r in self._db.execute("SELECT name FROM names WHERE key=? ORDER BY name", (key,)))
         blocks = self._db.execute("SELECT COUNT(*) FROM blocks WHERE key=?", (key,)).fetchone()[0]
-        return Entry(*row[:10], sources=tuple(json.loads(row[10])), names=names, blocks=blocks)
+        return Entry(*row[:9], sources=tuple(json.loads(row[9])), names=names, blocks=blocks)
 
     def _complete(self, key: str) -> bool:
         return self._row(key) is not None and self._path(key).is_file()

@@ -126,7 +126,7 @@ def _fake(n: int, seed: int):
 
 def _meta(n: int) -> CacheMetadata:
     return CacheMetadata(model_name="fake", fingerprint=FP, tokenizer_hash="t", kv_dtype="float32",
-                         tokens=n, boundary=n, num_layers=2)
+                         tokens=n, num_layers=2)
 
 
 SEQUENCES = [[s] * 3 + list(range(100 + s, 100 + s + 40 + 20 * s)) for s in range(5)]

@@ -32,7 +32,7 @@ def fake_cache(n: int, seed: int = 0):
 
 def meta(n: int) -> CacheMetadata:
     return CacheMetadata(model_name="fake", fingerprint=FP, tokenizer_hash="t" * 64, kv_dtype="float32",
-                         tokens=n, boundary=n, num_layers=2)
+                         tokens=n, num_layers=2)
 
 
 def put(store: LocalStore, ids: list[int], name: str | None = None, seed: int = 0):
@@ -469,7 +469,7 @@ store = LocalStore(sys.argv[1], block_size=4)
 n = 20
 cache = cache_from_layers([(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))] * 2)
 meta = CacheMetadata(model_name="fake", fingerprint="f" * 64, tokenizer_hash="t", kv_dtype="float32",
-                     tokens=n, boundary=n, num_layers=2)
+                     tokens=n, num_layers=2)
 store.put(cache, list(range(n)), meta, name="crashed")
 """
 

@@ -47,7 +47,7 @@ def random_cache(tokens: int, seed: int = 0, layers: int = 2, heads: int = 2, di
 
 def meta(tokens: int, kv_dtype: str, layers: int = 2) -> CacheMetadata:
     return CacheMetadata(model_name="fake", fingerprint="f" * 64, tokenizer_hash="t" * 64, kv_dtype=kv_dtype,
-                         tokens=tokens, boundary=tokens, num_layers=layers)
+                         tokens=tokens, num_layers=layers)
 
 
 def save(tmp_path: Path, cache, kv_dtype: str, tokens: int | None = None) -> Path:

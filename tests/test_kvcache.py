@@ -25,7 +25,7 @@ def _golden_cache():
         layers.append((keys, -keys))
     metadata = CacheMetadata(
         model_name="golden", fingerprint="f" * 64, tokenizer_hash="t" * 64, kv_dtype="float32",
-        tokens=3, boundary=3, num_layers=2, sources=("a.md", "b.md"), created="2026-01-01T00:00:00+00:00",
+        tokens=3, num_layers=2, sources=("a.md", "b.md"), created="2026-01-01T00:00:00+00:00",
     )
     return cache_from_layers(layers), [5, 6, 7], metadata
 
@@ -58,7 +58,7 @@ def test_round_trip_is_bit_exact(tiny, tmp_path):
     cache = prefill(tiny, ids).cache
     metadata = CacheMetadata(
         model_name=tiny.name, fingerprint=tiny.fingerprint, tokenizer_hash=tiny.tokenizer_hash, kv_dtype="float32",
-        tokens=len(ids), boundary=len(ids), num_layers=len(cache.layers), sources=("s",), created="now",
+        tokens=len(ids), num_layers=len(cache.layers), sources=("s",), created="now",
     )
     path = tmp_path / "c.safetensors"
     size = save_cache(path, cache, ids, metadata)
@@ -81,7 +81,7 @@ def test_prefix_restore_reads_only_the_prefix(tiny, tmp_path):
     cache = prefill(tiny, ids).cache
     metadata = CacheMetadata(
         model_name=tiny.name, fingerprint=tiny.fingerprint, tokenizer_hash=tiny.tokenizer_hash, kv_dtype="float32",
-        tokens=len(ids), boundary=len(ids), num_layers=len(cache.layers),
+        tokens=len(ids), num_layers=len(cache.layers),
     )
     path = tmp_path / "c.safetensors"
     size = save_cache(path, cache, ids, metadata)

@@ -12,10 +12,6 @@ NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
 
 
-def test_the_quickstart_notebook_exists():
-    assert NOTEBOOKS_DIR / "quickstart.ipynb" in NOTEBOOKS
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)

@@ -8,8 +8,8 @@ import types
 import numpy as np
 import pytest
 
-from cag import peer_llamacpp
-from cag.peer_llamacpp import PeerError, llama_cpp_module, run_peer
+from cag.measure.peers import llamacpp as peer_llamacpp
+from cag.measure.peers.llamacpp import PeerError, llama_cpp_module, run_peer
 
 
 def test_missing_llama_cpp_says_how_to_install(monkeypatch, capsys):
@@ -97,4 +97,5 @@ def test_each_question_restores_the_context_and_decodes_greedily(monkeypatch, tm
     assert fake.evaluated[: len(context) + 2] == context + [40, 45]
     d = report.to_dict()
     assert d["context_tokens"] == 4 and d["threads"] == 2 and len(d["questions"]) == 2
-    assert d["summary"]["median_total_s"] >= 0
+    assert d["summary"]["median_total_s"] == pytest.approx((first.total_s + second.total_s) / 2)
+    assert first.total_s > 0 and second.total_s > 0

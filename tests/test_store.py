@@ -36,7 +36,7 @@ def fake_cache(ids, seed: int = 0, layers: int = 2):
 
 def meta(n: int, fingerprint: str = "f" * 64, kv_dtype: str = "float32", layers: int = 2, model: str = "fake") -> CacheMetadata:
     return CacheMetadata(model_name=model, fingerprint=fingerprint, tokenizer_hash="t" * 64, kv_dtype=kv_dtype,
-                         tokens=n, boundary=n, num_layers=layers)
+                         tokens=n, num_layers=layers)
 
 
 def put_fake(store, ids, name=None, seed=0, **kwargs) -> Entry:
@@ -45,7 +45,7 @@ def put_fake(store, ids, name=None, seed=0, **kwargs) -> Entry:
 
 def tiny_meta(lm, n: int) -> CacheMetadata:
     return CacheMetadata(model_name=lm.name, fingerprint=lm.fingerprint, tokenizer_hash=lm.tokenizer_hash,
-                         kv_dtype="float32", tokens=n, boundary=n, num_layers=lm.model.config.num_hidden_layers)
+                         kv_dtype="float32", tokens=n, num_layers=lm.model.config.num_hidden_layers)
 
 
 def random_ids(lm, n: int, seed: int) -> list[int]:
@@ -336,7 +336,7 @@ def test_put_records_entry_and_checksum(store):
     ids = list(range(10))
     entry = put_fake(store, ids, name="ten")
     path = store.root / "entries" / f"{entry.key}.safetensors"
-    assert entry.names == ("ten",) and entry.tokens == 10 and entry.boundary == 10 and entry.bytes == path.stat().st_size
+    assert entry.names == ("ten",) and entry.tokens == 10 and entry.bytes == path.stat().st_size
     assert entry.hits == 0 and entry.created <= entry.last_used and entry.fingerprint == "f" * 64 and entry.kv_dtype == "float32"
     db = sqlite3.connect(store.root / "index.sqlite")
     (sha,) = db.execute("SELECT sha256 FROM entries WHERE key=?", (entry.key,)).fetchone()

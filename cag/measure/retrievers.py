@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from .documents import Document
-from .errors import EmbeddingModelError, RetrieverError
+from ..documents import Document
+from ..errors import EmbeddingModelError, RetrieverError
 
 __all__ = [
     "DEFAULT_PASSAGE_WORDS",
@@ -161,11 +161,11 @@ class Embedder:
     def __init__(self, folder: str | os.PathLike | None = None, device: str | torch.device | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from .model import _quiet_transformers, default_device
+        from ..model import default_device, quiet_transformers
 
         folder = Path(folder) if folder is not None else embedding_model_path()
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
                 self.model = AutoModel.from_pretrained(str(folder))
         except (OSError, ValueError) as exc:

@@ -29,14 +29,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .documents import Document
-from .errors import DatasetError
-from .generate import generate
-from .knowledge import build, resolve_model
-from .model import LoadedModel
-from .prefill import prefill
-from .prompt import PromptBuilder
-from .retrieval import DEFAULT_PASSAGE_WORDS, BM25Retriever, DenseRetriever, Embedder, Hit, split_passages
+from ..documents import Document
+from ..errors import DatasetError
+from ..generate import generate
+from ..knowledge import build, resolve_model
+from ..model import LoadedModel
+from ..prefill import prefill
+from ..prompt import PromptBuilder
+from .retrievers import DEFAULT_PASSAGE_WORDS, BM25Retriever, DenseRetriever, Embedder, Hit, split_passages
 
 __all__ = [
     "SYSTEMS",

@@ -47,13 +47,15 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from .documents import Document
-from .errors import BenchError, PromptError
-from .knowledge import KnowledgeBase, load, open_store, store_context
-from .kvcache import check_kv_dtype
-from .model import DEFAULT_MODEL, EMBEDDED_NAME, LoadedModel
-from .prefill import prefill
-from .prompt import PromptBuilder
+from ..documents import Document
+from ..errors import BenchError
+from ..knowledge import KnowledgeBase, load, open_store, store_context
+from ..kvcache import check_kv_dtype
+from ..model import DEFAULT_MODEL, EMBEDDED_NAME, LoadedModel
+from ..prefill import prefill
+from ..prompt import PromptBuilder
+from .peers.llamacpp import LlamaCppPeer, llama_cpp_module
+from .workload import checked_questions, bundled_corpus, bundled_questions, context_of_length, fit_lengths, read_questions
 
 __all__ = [
     "BenchError",
@@ -149,97 +151,6 @@ class BenchRow:
         row.update(speedup_warm=self.speedup_warm, batch_speedup=self.batch_speedup, vs_peer=self.vs_peer)
         # JSON has no infinity: a ratio over a zero time is reported as null.
         return {k: (round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in row.items()}
-
-
-# ----------------------------------------------------------------------- inputs
-
-
-def bundled_corpus() -> list[Document]:
-    """The corpus shipped for benchmarks (a ~6,500-token report, in SmolLM2 tokens)."""
-    path = resources.files("cag") / "data" / "bench" / "corpus.md"
-    return [Document(source="corpus.md", text=path.read_text(encoding="utf-8"))]
-
-
-def bundled_questions() -> list[str]:
-    return read_questions(resources.files("cag") / "data" / "bench" / "questions.txt")
-
-
-def read_questions(path) -> list[str]:
-    """One question per line; blank lines and lines starting with # are skipped."""
-    source = path if hasattr(path, "read_text") else Path(path)  # a Path, or a package resource
-    try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BenchError(f"cannot read questions file {path}: {exc.strerror or exc}") from exc
-    questions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not questions:
-        raise BenchError(f"questions file {path} holds no question: write one question per line")
-    return questions
-
-
-def fit_lengths(lm: LoadedModel, lengths: Sequence[int], questions: Sequence[str], max_new_tokens: int) -> list[int]:
-    """The requested context lengths, sorted, each clipped so the longest question and its answer still fit."""
-    if not lengths:
-        raise BenchError("no context length given: pass e.g. --lengths 512,1024")
-    if any(n <= 0 for n in lengths):
-        raise BenchError(f"context lengths must be positive, got {list(lengths)}")
-    builder = PromptBuilder(lm.tokenizer)
-    longest_question = max(len(builder.question_ids(q)) for q in _checked(questions))
-    room = lm.max_context - longest_question - max_new_tokens - 1
-    return sorted({min(int(n), room) for n in lengths})
-
-
-def _checked(questions: Sequence[str]) -> list[str]:
-    questions = [q for q in questions if q.strip()]
-    if not questions:
-        raise BenchError("no questions to ask: pass a questions file with one question per line")
-    return questions
-
-
-def _cut(documents: Sequence[Document], chars: int) -> list[Document]:
-    """The first ``chars`` characters of the documents.
-
-    When they run short, their text repeats inside the last document rather than as
-    new documents, whose wrappers would make the token count jump.
-    """
-    out: list[Document] = []
-    left = chars
-    for doc in documents:
-        take = min(left, len(doc.text))
-        out.append(Document(source=doc.source, text=doc.text[:take]))
-        left -= take
-        if left == 0:
-            break
-    if left > 0:
-        filler = "\n\n" + "\n\n".join(d.text for d in documents)
-        repeated = filler * (left // len(filler) + 1)
-        out[-1] = Document(source=out[-1].source, text=out[-1].text + repeated[:left])
-    return out
-
-
-def _context_of_length(builder: PromptBuilder, documents: Sequence[Document], tokens: int) -> list[int]:
-    """Context token ids of the longest cut of the documents that fits in ``tokens`` tokens.
-
-    Token counts grow with the number of characters (nearly monotonically, since BPE
-    merges only locally), so a binary search over the cut finds it in ~15 encodes.
-    """
-    count = lambda chars: builder.context_ids(_cut(documents, chars))  # noqa: E731
-    fixed = len(count(0))
-    if fixed >= tokens:
-        raise PromptError(
-            f"a context of {tokens} tokens is shorter than the prompt's fixed part ({fixed} tokens: instructions "
-            f"and chat template): ask for at least {fixed + 1}"
-        )
-    lo, hi = 0, max(1, sum(len(d.text) for d in documents))
-    while len(count(hi)) <= tokens:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if len(count(mid)) <= tokens:
-            lo = mid
-        else:
-            hi = mid
-    return count(lo)
 
 
 # --------------------------------------------------------------- page cache
@@ -424,7 +335,7 @@ def run_bench(
     same files ``cag ask`` would read. ``peer="llamacpp"`` times llama.cpp on the same
     questions (it needs ``llama-cpp-python`` and the default model).
     """
-    questions = _checked(bundled_questions() if questions is None else questions)
+    questions = checked_questions(bundled_questions() if questions is None else questions)
     documents = list(documents) if documents else bundled_corpus()
     if repeats < 1:
         raise BenchError(f"repeats must be at least 1, got {repeats}")
@@ -450,7 +361,7 @@ def run_bench(
     rows = []
     for tokens in targets:
         step(f"{tokens} tokens: cutting the documents")
-        ids = _context_of_length(builder, documents, tokens)
+        ids = context_of_length(builder, documents, tokens)
         step(f"{tokens} tokens: prefilling and storing the cache")
         kb, prefilled = _build_cache(lm, store, ids, f"bench-{tokens}", kv_dtype)
         path = _entry_path(store, kb.entry)
@@ -494,7 +405,6 @@ def _check_peer(lm: LoadedModel, peer: str | None) -> None:
                          f"({DEFAULT_MODEL!r}), not {lm.name!r}")
     if lm.device.type != "cpu":
         raise BenchError(f"the {peer} peer runs on the CPU: bench on the CPU to compare like with like")
-    from .peer_llamacpp import llama_cpp_module
 
     llama_cpp_module()  # raises PeerError, with how to install it, when it is missing
 
@@ -561,7 +471,6 @@ def _decode_rate(new_tokens: Sequence[int], seconds: Sequence[float]) -> float:
 
 
 def _open_peer(lm: LoadedModel, peer: str, ids: list[int], question_ids: list[list[int]], max_new_tokens: int):
-    from .peer_llamacpp import LlamaCppPeer
 
     return LlamaCppPeer(ids, threads=torch.get_num_threads(), max_question_tokens=max(map(len, question_ids)),
                         new_tokens=max_new_tokens, eos_token_ids=lm.eos_token_ids)

@@ -10,7 +10,7 @@ compare like with like.
 ``llama-cpp-python`` is not a dependency of cag: it compiles llama.cpp on install
 (several minutes on 2 cores). Run the peer on its own with::
 
-    python -m cag.peer_llamacpp --context-tokens 4096 --new-tokens 32 --threads 2 [--install]
+    python -m cag.measure.peers.llamacpp --context-tokens 4096 --new-tokens 32 --threads 2 [--install]
 
 which prints one JSON object. ``cag bench`` can call :func:`run_peer` with its own
 context and question token ids.
@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-from .errors import CagError, PeerError
+from ...errors import CagError, PeerError
 
 __all__ = ["LlamaCppPeer", "PeerError", "PeerQuestion", "PeerReport", "llama_cpp_module", "run_peer", "main"]
 
@@ -262,19 +262,19 @@ def _time_state_file(llama_cpp: ModuleType, ctx, context_ids: Sequence[int]) -> 
 
 def _bench_inputs(context_tokens: int, questions_file: str | None):
     """The context and questions cag bench uses: the bundled corpus cut to ``context_tokens`` tokens."""
-    from .bench import _context_of_length, bundled_corpus, bundled_questions, read_questions
-    from .model import load_model
-    from .prompt import PromptBuilder
+    from ...model import load_model
+    from ...prompt import PromptBuilder
+    from ..workload import bundled_corpus, bundled_questions, context_of_length, read_questions
 
     lm = load_model(device="cpu")
     builder = PromptBuilder(lm.tokenizer)
-    context = _context_of_length(builder, bundled_corpus(), context_tokens)
+    context = context_of_length(builder, bundled_corpus(), context_tokens)
     texts = read_questions(questions_file) if questions_file else bundled_questions()
     return lm, context, texts, [builder.question_ids(q) for q in texts]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cag.peer_llamacpp", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cag.measure.peers.llamacpp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--context-tokens", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")

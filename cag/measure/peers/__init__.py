@@ -1,0 +1,1 @@
+"""Other inference engines, run on the same model file and inputs as cag for comparison."""
