@@ -270,10 +270,12 @@ def _quantize_weights(model: Any, tokenizer: Any, mode: str) -> None:
 def default_threads() -> int:
     """CPU threads for torch: ``$CAG_THREADS`` if set, else torch's own default (the physical
     cores) capped by the CPUs this process may use (its affinity and any cgroup quota, so a
-    container limited to 2 CPUs on a 64-core host does not run 64 threads) and by the CPUs
-    not already busy (the 1-minute load average). OpenMP threads spin while they wait for
-    each other; one that shares its core with another process stalls every step of its
-    team, which made decoding ~15x slower here on 2 cores with 2 threads under a load of 3.
+    container limited to 2 CPUs on a 64-core host does not run 64 threads).
+
+    It depends on the machine only, never on its load, so the same command runs with the
+    same threads (and the same speed and numerics) every time. On a machine busy with other
+    work, set ``CAG_THREADS`` or ``--threads``: OpenMP threads spin while they wait for each
+    other, and one that shares its core stalls every step of its team.
     """
     env = os.environ.get("CAG_THREADS", "").strip()
     if env:
@@ -284,9 +286,6 @@ def default_threads() -> int:
     quota = _cgroup_cpu_quota()
     if quota is not None:
         limits.append(quota)
-    cpus = min(limits)
-    if hasattr(os, "getloadavg"):
-        limits.append(int(cpus - os.getloadavg()[0] + 0.5))
     return max(1, min(limits))
 
 

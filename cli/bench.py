@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,10 +15,22 @@ from . import ui
 from .options import HomeOpt, KvDtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt
 
 
+@dataclass(frozen=True)
+class _Plan:
+    lengths: str
+    repeats: int
+    questions: int | None  # the first N bundled questions; None for all
+
+
+QUICK = _Plan(lengths="1024,4096", repeats=2, questions=4)
+FULL = _Plan(lengths="512,1024,2048,4096", repeats=3, questions=None)
+
+
 def bench(
     docs: Optional[List[str]] = typer.Argument(None, help="Documents to cut contexts from (default: the bundled corpus)."),
-    lengths: str = typer.Option("512,1024,2048,4096", "--lengths", "-l",
-                                help="Context lengths in tokens, comma-separated (1k = 1024); clipped to the model's window."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", "-l",
+                                          help="Context lengths in tokens, comma-separated (1k = 1024); clipped to the model's "
+                                               f"window. Default: {QUICK.lengths} ({FULL.lengths} with --full)."),
     questions: Optional[Path] = typer.Option(None, "--questions", "-q", help="File with one question per line (default: bundled)."),
     model: Optional[str] = ModelOpt,
     quantize: Optional[str] = QuantizeOpt,
@@ -28,7 +41,11 @@ def bench(
     peer: Optional[str] = typer.Option(None, "--peer", help="Also time llama.cpp ('llamacpp') running the embedded model's GGUF file on the same context "
                                        "and questions at the same thread count, alternating with cag question by question; "
                                        "needs `pip install llama-cpp-python`."),
-    repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Runs per measurement; the median is reported."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", "-r", min=1,
+                                          help=f"Runs per measurement; the median is reported. Default: {QUICK.repeats} "
+                                               f"({FULL.repeats} with --full)."),
+    full: bool = typer.Option(False, "--full", help="The whole table: every length, more repeats, every bundled question "
+                                                    "(tens of minutes on 2 cores; the default is a quick run of a few minutes)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per context length on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of time to first token against context length."),
     home: Optional[Path] = HomeOpt,
@@ -39,13 +56,18 @@ def bench(
     from cag.measure import bench as lib
     from cag.model import set_threads
 
-    wanted = _parse_lengths(lengths)
+    plan = FULL if full else QUICK
+    wanted = _parse_lengths(lengths or plan.lengths)
+    repeats = repeats or plan.repeats
     with ui.one_line_errors():
-        asked = lib.read_questions(questions) if questions is not None else lib.bundled_questions()
+        asked = lib.read_questions(questions) if questions is not None else lib.bundled_questions()[: plan.questions]
         documents = cag.load_documents(docs) if docs else None
         with ui.status("Loading model (the first run converts the embedded model, ~30 s)…", quiet=json_out):
-            set_threads(threads)
+            used = set_threads(threads)
             lm = cag.load_model(model, home=home, quantize=quantize)
+        if not json_out:
+            ui.err.print(f"{used} torch thread{'s' if used > 1 else ''}, {len(asked)} questions, {repeats} repeat(s)"
+                         f"{'' if full or lengths else '; --full for the whole table'}")
         fitted = lib.fit_lengths(lm, wanted, asked, max_new_tokens)
         if not json_out and max(wanted) > max(fitted):
             ui.err.print(f"[yellow]note:[/] lengths above {max(fitted):,} tokens clipped to fit the model's "

@@ -136,6 +136,21 @@ def test_cli_json_and_plot(tiny_dir, home, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_default_run_is_quick_and_full_is_the_whole_table(tiny_dir, home):
+    from cag.cli.bench import FULL, QUICK
+
+    quick = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--max-new-tokens", "2", "--json", "--home", str(home)])
+    assert quick.exit_code == 0, quick.output
+    rows = [json.loads(line) for line in quick.stdout.splitlines()]
+    # Both quick lengths clip to the tiny model's 1,024-token window: one row.
+    assert len(rows) == 1 and rows[0]["repeats"] == QUICK.repeats and rows[0]["questions"] == QUICK.questions
+    full = runner.invoke(app, ["bench", "--full", "--lengths", "256", "--model", str(tiny_dir), "--max-new-tokens", "2",
+                               "--json", "--home", str(home)])
+    assert full.exit_code == 0, full.output
+    row = json.loads(full.stdout.splitlines()[0])
+    assert row["repeats"] == FULL.repeats and row["questions"] == len(bundled_questions()) > QUICK.questions
+
+
 def test_cli_table_and_bad_lengths(tiny_dir, home, docs):
     result = runner.invoke(app, ["bench", str(docs), "--model", str(tiny_dir), "--lengths", "0.25k,300", "--home", str(home)])
     assert result.exit_code != 0 and "cannot read context length '0.25k'" in result.output
