@@ -46,8 +46,12 @@ DEFAULT_MODEL = "smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_FILE = "cag-fingerprint.json"
-QUANTIZE_MODES = ("int8",)
-"""Weight quantizations ``load_model(quantize=...)`` knows; a model name may also end in ``:int8``."""
+QUANTIZE_MODES = ("int8", "q4")
+"""Weight quantizations ``load_model(quantize=...)`` knows; a model name may also end in ``:int8`` or ``:q4``.
+
+``int8`` quantizes any model's linear layers (weights and activations, SmoothQuant);
+``q4`` computes with the embedded GGUF's own 4-bit weights (``cag.int4``)."""
+_Q4_SCHEME = "q4:gguf-q4_1-blocks,bfloat16-activations,torch-int4pack-cpu:v1"
 
 
 @dataclass
@@ -182,6 +186,9 @@ def load_model(
     if threads is not None or not _defaults_applied:
         set_threads(threads)
     display, source = _resolve_source(base, home)
+    if quantize == "q4" and display != EMBEDDED_NAME:
+        raise ModelError("--quantize q4 computes with the embedded GGUF's own 4-bit weights, which only the default "
+                         "model has: use --quantize int8 for other models")
     device = torch.device(device) if device is not None else default_device()
     if quantize is not None and device.type != "cpu":
         raise ModelError(f"--quantize {quantize} runs on the CPU only; drop it on {device.type}")
@@ -194,7 +201,9 @@ def load_model(
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {display!r}: {first_line}") from exc
     model.to(device)
-    return wrap_model(model, tokenizer, name=display, weights_hash=_cached_weights_hash(source, model), quantize=quantize)
+    gguf = embedded_gguf_path() if quantize == "q4" else None
+    return wrap_model(model, tokenizer, name=display, weights_hash=_cached_weights_hash(source, model), quantize=quantize,
+                      gguf=gguf)
 
 
 def wrap_model(
@@ -204,12 +213,14 @@ def wrap_model(
     name: str,
     weights_hash: str | None = None,
     quantize: str | None = None,
+    gguf: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Wrap an in-memory model and tokenizer (tests use a tiny random-weight model).
 
     With ``quantize`` the model's linear layers are quantized in place; the fingerprint
     is that of the full-precision weights plus the quantization, and the name gains a
     ``:int8`` suffix, so caches record (and ``cag.load`` reloads) the quantized model.
+    ``quantize="q4"`` takes the 4-bit weights from ``gguf``, the file ``model`` was loaded from.
     """
     _, quantize = split_quantize(name, quantize)
     model.eval()
@@ -219,10 +230,7 @@ def wrap_model(
     config = json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str)
     parts = [b"cag-model-v1", config.encode(), weights_hash.encode(), tok_hash.encode()]
     if quantize is not None:
-        from .quantize import scheme
-
-        _quantize_weights(model, tokenizer, quantize)
-        parts.append(f"quantize={scheme()}".encode())
+        parts.append(f"quantize={_quantize_weights(model, tokenizer, quantize, gguf)}".encode())
         name = name if name.endswith(f":{quantize}") else f"{name}:{quantize}"
     return LoadedModel(
         model=model,
@@ -250,11 +258,20 @@ def split_quantize(name: str, quantize: str | None) -> tuple[str, str | None]:
     return name, quantize
 
 
-def _quantize_weights(model: Any, tokenizer: Any, mode: str) -> None:
-    """Quantize every ``nn.Linear`` in place (see ``cag.quantize``): a decode step then reads a
-    quarter of the float32 weight bytes. Embeddings and norms stay in full precision."""
-    from .quantize import CALIBRATION_TOKENS, calibration_text, quantize_linear_layers
+def _quantize_weights(model: Any, tokenizer: Any, mode: str, gguf: str | os.PathLike | None) -> str:
+    """Quantize the linear layers in place; returns the scheme the fingerprint records.
 
+    A decode step then reads a quarter (int8) or an eighth (q4) of the float32 weight
+    bytes. Embeddings and norms stay in full precision."""
+    from .quantize import CALIBRATION_TOKENS, calibration_text, quantize_linear_layers, scheme
+
+    if mode == "q4":
+        from .int4 import use_gguf_int4
+
+        if gguf is None:
+            raise ModelError("q4 computes with a GGUF file's 4-bit weights: pass the GGUF the model was loaded from")
+        use_gguf_int4(model, gguf)
+        return _Q4_SCHEME
     if mode != "int8":  # pragma: no cover - split_quantize admits only known modes
         raise ModelError(f"unknown quantization {mode!r}")
     if next(model.parameters()).device.type != "cpu":
@@ -265,6 +282,7 @@ def _quantize_weights(model: Any, tokenizer: Any, mode: str) -> None:
         quantize_linear_layers(model, ids[:limit])
     except RuntimeError as exc:
         raise ModelError(f"cannot quantize to int8: {exc}") from exc
+    return scheme()
 
 
 def default_threads() -> int:

@@ -1,0 +1,115 @@
+"""`--quantize q4`: a GGUF's own Q4_1 weights, computed by torch's packed int4 kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cag
+from cag.errors import ModelError
+from cag.int4 import Int4Linear, q4_1_blocks, use_gguf_int4
+
+from conftest import make_tiny_model
+
+LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """The rotary row order llama.cpp's converter writes q and k in."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_of(lm, path):
+    """Write the tiny model's linear layers as a Q4_1 GGUF, and give the model the weights a
+    GGUF loader would: each layer de-quantized from its blocks."""
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    config = lm.model.config
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    writer = GGUFWriter(str(path), "llama")
+    for i, layer in enumerate(lm.model.model.layers):
+        for kind, module in LINEARS.items():
+            linear = layer.get_submodule(module)
+            w = linear.weight.detach().numpy()
+            if kind in heads:
+                w = _llama_cpp_permute(w, heads[kind])
+            blocks = quants.quantize(w, GGMLQuantizationType.Q4_1)
+            writer.add_tensor(f"blk.{i}.{kind}.weight", blocks, raw_shape=blocks.shape, raw_dtype=GGMLQuantizationType.Q4_1)
+            back = quants.dequantize(blocks, GGMLQuantizationType.Q4_1)
+            if kind in heads:
+                back = _unpermute(back, heads[kind])
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_int4_linear_computes_the_blocks_weights():
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (96, 64))
+    d, m = torch.rand(96, 2) * 0.1, torch.randn(96, 2) * 0.1
+    weight = (codes.float().view(96, 2, 32) * d[..., None] + m[..., None]).view(96, 64)
+    x = torch.randn(5, 3, 64)
+    out = Int4Linear.from_q4_1(codes, d.half(), m.half())(x)
+    assert out.shape == (5, 3, 96) and out.dtype == torch.float32
+    ref = x @ (codes.float().view(96, 2, 32) * d.half().float()[..., None] + m.half().float()[..., None]).view(96, 64).t()
+    # The kernel runs in bfloat16: agreement to its precision, not bit for bit.
+    torch.testing.assert_close(out, ref, atol=0.05 * ref.abs().max().item(), rtol=0.02)
+    assert not torch.allclose(out, x @ torch.zeros_like(weight).t())
+
+
+def test_gguf_blocks_are_the_weights_a_gguf_loader_gives(tmp_path):
+    from gguf import GGUFReader
+
+    lm = make_tiny_model(seed=1)
+    path = _gguf_of(lm, tmp_path / "tiny.gguf")
+    heads = {"attn_q": lm.model.config.num_attention_heads, "attn_k": lm.model.config.num_key_value_heads}
+    for tensor in GGUFReader(str(path)).tensors:
+        _, block, kind, _ = tensor.name.split(".")
+        codes, d, m = q4_1_blocks(tensor)
+        weight = (codes.float().view(codes.shape[0], -1, 32) * d.float()[..., None] + m.float()[..., None]).view(codes.shape)
+        if kind in heads:
+            weight = torch.from_numpy(_unpermute(weight.numpy(), heads[kind]))
+        assert torch.equal(weight, lm.model.model.layers[int(block)].get_submodule(LINEARS[kind]).weight), tensor.name
+
+
+def test_q4_model_answers_from_the_cache_as_from_a_full_prefill(tmp_path, home, docs):
+    lm = make_tiny_model(seed=2)
+    path = _gguf_of(lm, tmp_path / "tiny.gguf")
+    float_fingerprint = cag.wrap_model(lm.model, lm.tokenizer, name="tiny").fingerprint
+    q4 = cag.wrap_model(lm.model, lm.tokenizer, name="tiny", quantize="q4", gguf=path)
+    assert q4.name == "tiny:q4" and q4.fingerprint != float_fingerprint
+    assert sum(isinstance(m, Int4Linear) for m in q4.model.modules()) == 7 * lm.model.config.num_hidden_layers
+    assert not any(isinstance(m, torch.nn.Linear) and m is not q4.model.lm_head for m in q4.model.modules())
+    kb = cag.build([docs], name="kb", model=q4, home=home)
+    for question in ("Who approves travel?", "Where are badges issued?"):
+        cached = kb.ask(question, max_new_tokens=10)
+        full = kb.ask(question, max_new_tokens=10, use_cache=False)
+        assert cached.token_ids == full.token_ids and cached.reused_tokens > 0 == full.reused_tokens
+
+
+def test_q4_needs_gguf_weights(tmp_path, tiny_dir):
+    lm = make_tiny_model(seed=3)
+    with pytest.raises(ModelError, match="GGUF"):
+        cag.wrap_model(lm.model, lm.tokenizer, name="tiny", quantize="q4")
+    with pytest.raises(ModelError, match="only the default model"):
+        cag.load_model(str(tiny_dir), quantize="q4")
+    empty = tmp_path / "empty.gguf"
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(empty), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelError, match="no Q4_1"):
+        use_gguf_int4(make_tiny_model(seed=3).model, empty)
