@@ -72,7 +72,7 @@ def resolve_model(
 ) -> LoadedModel:
     if not isinstance(model, LoadedModel):
         return load_model(model, home=home, quantize=quantize)
-    if quantize is not None and model.quantize != quantize:
+    if quantize is not None and model.quantize != (None if quantize == "none" else quantize):
         raise ModelError(f"model {model.name!r} is already loaded without {quantize} quantization: "
                          f"load it with load_model(..., quantize={quantize!r})")
     return model
