@@ -79,6 +79,8 @@ __all__ = [
     "load_cache",
     "read_metadata",
     "read_token_ids",
+    "FileBlocks",
+    "file_blocks",
     "cache_from_layers",
     "cache_layers",
     "crop_to",
@@ -407,6 +409,55 @@ def load_cache(
         seconds=time.perf_counter() - start,
         zero_copy=zero_copy,
     )
+
+
+@dataclass(frozen=True)
+class FileBlocks:
+    """Where a cache file keeps each checked block of tokens, so a store can keep blocks apart.
+
+    ``blocks[b]`` lists the byte ranges (absolute file offsets) that CRC block ``b``
+    covers, in checksum order: the CRC32 of their bytes, concatenated, is
+    ``block_crcs[b]``. The header (``[0, header_size)``), every block's ranges and
+    ``token_ids`` cover the whole file, each byte once, so the file is rebuilt from them.
+    """
+
+    header_size: int
+    file_size: int
+    tokens: int
+    block_tokens: int
+    blocks: tuple[tuple[tuple[int, int], ...], ...]
+    block_crcs: tuple[int, ...]
+    token_ids: tuple[int, int]
+    token_ids_crc: int
+
+
+def file_blocks(path: str | os.PathLike) -> FileBlocks:
+    """The block layout of a cache file, from its header alone (the data is not read)."""
+    path = Path(path)
+    header = _read_header(path)
+    meta = CacheMetadata.from_header(header.metadata, path)
+    layout = _check_layout(header, meta, path)
+    infos = [(header.tensors[f"layers.{i}.{p.name}"], p.group) for i in range(meta.num_layers) for p in layout.parts]
+    infos = _in_crc_order(infos, meta.num_layers, layout.parts)
+    blocks = []
+    for begin in range(0, meta.tokens, layout.block):
+        end = min(begin + layout.block, meta.tokens)
+        ranges = []
+        for info, group in infos:
+            batch, heads, rows, width = info.shape
+            row = width * _itemsize(info.dtype)
+            first, last = begin // group, min(rows, -(-end // group))
+            ranges += [(info.begin + (bh * rows + first) * row, info.begin + (bh * rows + last) * row) for bh in range(batch * heads)]
+        blocks.append(tuple(ranges))
+    try:
+        crcs = tuple(int(c, 16) for c in header.metadata.get("block_crc32", "").split(",") if c)
+        token_crc = int(header.metadata.get("token_ids_crc32", ""), 16)
+    except ValueError as exc:
+        raise CorruptCacheError(f"{path}: the checksums in the header are garbled; the file is corrupt") from exc
+    if len(crcs) != len(blocks):
+        raise CorruptCacheError(f"{path}: the header has {len(crcs)} block checksums for {len(blocks)} blocks; the file is corrupt")
+    ids = header.tensors["token_ids"]
+    return FileBlocks(header.size, header.file_size, meta.tokens, layout.block, tuple(blocks), crcs, (ids.begin, ids.end), token_crc)
 
 
 def _restore_layer(

@@ -28,17 +28,19 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import torch
 from transformers import DynamicCache
 
 from cag.errors import CacheNotFoundError, CorruptCacheError, InvalidNameError, StoreError
 from cag.hashing import DEFAULT_BLOCK_SIZE, block_hashes, chain_seed, common_prefix_length, sequence_key
-from cag.kvcache import CacheMetadata, RestoredCache, fsync_dir, load_cache, read_token_ids, save_cache
+from cag.kvcache import CacheMetadata, RestoredCache, fsync_dir, load_cache, read_metadata, read_token_ids, save_cache
 
-from .base import Entry, PrefixMatch, VerifyReport
+from .base import Entry, PrefixMatch, VerifyReport, over_budget
 
-__all__ = ["LocalStore", "validate_name"]
+__all__ = ["LocalStore", "open_file_store", "validate_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}")  # used with fullmatch: '$' would admit a trailing newline
 _KEY_PREFIX = re.compile(r"[0-9a-f]{6,40}")
@@ -87,6 +89,15 @@ def validate_name(name: str) -> str:
     return name
 
 
+def open_file_store(url: str, home: Path) -> "LocalStore":
+    """The ``file://`` backend: ``file:///path/to/store``; ``file://`` alone is the store under the cache home."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise StoreError(f"file store URL {url!r} names host {parts.netloc!r}: use file:///ABSOLUTE/PATH (three slashes)")
+    path = url2pathname(parts.path)
+    return LocalStore(Path(path) if path.strip("/") else Path(home) / "store")
+
+
 class LocalStore:
     """Caches on this machine's disk, indexed by chained block hashes in SQLite."""
 
@@ -120,40 +131,69 @@ class LocalStore:
         seed = chain_seed(metadata.fingerprint, metadata.kv_dtype, self.block_size)
         key = sequence_key(ids, seed, self.block_size)
         if not self._complete(key):
-            self._write_entry(key, cache, ids, seed, metadata)
+            self._write_entry(key, cache, ids, metadata)
         if name is not None:
             self.label(name, key)
         return self.resolve(key)
 
-    def _write_entry(self, key: str, cache: DynamicCache, ids: list[int], seed: bytes, metadata: CacheMetadata) -> None:
+    def _write_entry(self, key: str, cache: DynamicCache, ids: list[int], metadata: CacheMetadata) -> None:
         """Write the file outside the lock (it can take seconds), then publish it under the lock.
 
         Two processes building the same key both write a staging file; the first to take
         the lock renames its file into place and adds the row, the second finds the entry
         complete and throws its copy away. The lock is held for a rename and an insert only.
         """
-        staging = self.entries_dir / f".{key}.{uuid.uuid4().hex[:12]}.staging.tmp"
+        staging = self.staging_path(key)
         try:
             size = save_cache(staging, cache, ids, metadata)
-            checksum = _file_sha256(staging)
-            with self._write() as db:
-                if self._complete(key):
-                    return
-                final = self._path(key)
-                os.replace(staging, final)
-                self._undo.append(lambda: final.unlink(missing_ok=True))
-                fsync_dir(self.entries_dir)
-                now = time.time()
-                db.execute(
-                    "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,0) ON CONFLICT(key) DO UPDATE SET "
-                    "bytes=excluded.bytes, sha256=excluded.sha256, created=excluded.created, last_used=excluded.last_used",
-                    (key, metadata.model_name, metadata.fingerprint, metadata.kv_dtype, metadata.tokens,
-                     metadata.tokens, size, checksum, json.dumps(list(metadata.sources)), now, now),
-                )
-                hashes = block_hashes(ids, seed, self.block_size)
-                db.executemany("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", [(h, key, i) for i, h in enumerate(hashes)])
+            self._publish(key, staging, metadata, ids, size, _file_sha256(staging))
         finally:
             staging.unlink(missing_ok=True)
+
+    def staging_path(self, key: str) -> Path:
+        """A fresh path in the store's folder for writing a cache file that ``adopt`` then publishes."""
+        self._path(key)  # a key only
+        return self.entries_dir / f".{key}.{uuid.uuid4().hex[:12]}.staging.tmp"
+
+    def adopt(self, staging: str | os.PathLike, key: str | None = None) -> Entry:
+        """Publish a complete cache file written at ``staging_path(key)`` (by another store, say).
+
+        The file is checked in full first (header, every block checksum, token ids) and
+        must hold ``key``'s content; CorruptCacheError otherwise. The staging file is gone afterwards.
+        """
+        staging = Path(staging)
+        try:
+            metadata, ids, size, checksum = _check_file(staging)
+            found = sequence_key(ids, chain_seed(metadata.fingerprint, metadata.kv_dtype, self.block_size), self.block_size)
+            if key is not None and found != key:
+                raise CorruptCacheError(f"{staging}: holds cache {found[:12]}, not {key[:12]}")
+            self._publish(found, staging, metadata, ids, size, checksum)
+            return self.resolve(found)
+        finally:
+            staging.unlink(missing_ok=True)
+
+    def _publish(self, key: str, staging: Path, metadata: CacheMetadata, ids: list[int], size: int, checksum: str) -> None:
+        """Rename a staged file into place and index it, in one locked step (unless the key is complete already)."""
+        with self._write() as db:
+            if self._complete(key):
+                return
+            final = self._path(key)
+            os.replace(staging, final)
+            self._undo.append(lambda: final.unlink(missing_ok=True))
+            fsync_dir(self.entries_dir)
+            now = time.time()
+            self._insert_row(db, key, metadata, ids, size, checksum, now, now)
+
+    def _insert_row(self, db: sqlite3.Connection, key: str, metadata: CacheMetadata, ids: list[int], size: int,
+                    checksum: str, created: float, last_used: float) -> None:
+        db.execute(
+            "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,0) ON CONFLICT(key) DO UPDATE SET "
+            "bytes=excluded.bytes, sha256=excluded.sha256, created=excluded.created, last_used=excluded.last_used",
+            (key, metadata.model_name, metadata.fingerprint, metadata.kv_dtype, metadata.tokens,
+             metadata.tokens, size, checksum, json.dumps(list(metadata.sources)), created, last_used),
+        )
+        hashes = block_hashes(ids, chain_seed(metadata.fingerprint, metadata.kv_dtype, self.block_size), self.block_size)
+        db.executemany("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", [(h, key, i) for i, h in enumerate(hashes)])
 
     def label(self, name: str, key: str) -> None:
         validate_name(name)
@@ -175,16 +215,10 @@ class LocalStore:
 
     def gc(self, max_bytes: int) -> list[Entry]:
         removed = []
-        entries = sorted(self.entries(), key=lambda e: e.last_used)
-        total = sum(e.bytes for e in entries)
-        for entry in entries:
-            if total <= max_bytes:
-                break
+        for entry in over_budget(self.entries(), max_bytes):
             with self._write():
-                deleted = self._delete_entry(entry.key)
-            total -= entry.bytes
-            if deleted:
-                removed.append(entry)
+                if self._delete_entry(entry.key):
+                    removed.append(entry)
         return removed
 
     # ------------------------------------------------------------------- reads
@@ -213,7 +247,7 @@ class LocalStore:
     def restore(self, entry: Entry, tokens: int | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> RestoredCache:
         def read(path: Path) -> RestoredCache:
             restored = load_cache(path, tokens, device=device, dtype=dtype)
-            _check_matches_entry(restored.metadata, entry, path)
+            check_matches_entry(restored.metadata, entry, path)
             return restored
 
         restored = self._guarded(entry, read)
@@ -415,11 +449,19 @@ class LocalStore:
             self._undo = []
 
 
-def _check_matches_entry(meta: CacheMetadata, entry: Entry, path: Path) -> None:
-    """The file's own header must agree with its index row (the header has no checksum of its own)."""
+def _check_file(path: Path) -> tuple[CacheMetadata, list[int], int, str]:
+    """A cache file checked in full (header, every block checksum, token ids): its metadata, ids, size, sha256."""
+    restored = load_cache(path)
+    ids = read_token_ids(path)
+    del restored
+    return read_metadata(path), ids, path.stat().st_size, _file_sha256(path)
+
+
+def check_matches_entry(meta: CacheMetadata, entry: Entry, where: object) -> None:
+    """A file's own header must agree with its index entry (the header has no checksum of its own)."""
     for field_name in ("fingerprint", "kv_dtype", "tokens"):
         if getattr(meta, field_name) != getattr(entry, field_name):
-            raise CorruptCacheError(f"{path}: header {field_name} does not match the store index")
+            raise CorruptCacheError(f"{where}: header {field_name} does not match the store index")
 
 
 def _file_id(path: Path) -> tuple[int, int, int] | None:
