@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from . import ui
-from .options import HomeOpt, KvDtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt
+from .options import HomeOpt, KvDtypeOpt, ModelOpt, QuantizeOpt, StoreOpt, ThreadsOpt
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,13 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per context length on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of time to first token against context length."),
     home: Optional[Path] = HomeOpt,
+    store: Optional[str] = StoreOpt,
 ) -> None:
     """Measure time to first token (re-prefill, restored cold/warm, in memory), per-question latency,
     batched asking, restore speed and cache size; optionally against llama.cpp."""
     import cag
     from cag.measure import bench as lib
+    from cag.stores import open_store
     from cag.model import set_threads
 
     plan = FULL if full else QUICK
@@ -75,8 +77,9 @@ def bench(
             ui.err.print(f"[yellow]note:[/] lengths above {max(fitted):,} tokens clipped to fit the model's "
                          f"{lm.max_context:,}-token window with a question and its answer")
         with _progress(quiet=json_out) as on_progress:
-            rows = lib.run_bench(lm, fitted, asked, documents=documents, home=home, max_new_tokens=max_new_tokens,
-                                 repeats=repeats, kv_dtype=kv_dtype, batch_size=batch_size, peer=peer, reference=reference,
+            rows = lib.run_bench(lm, fitted, asked, documents=documents, home=home, store=open_store(store, home),
+                                 max_new_tokens=max_new_tokens, repeats=repeats, kv_dtype=kv_dtype,
+                                 batch_size=batch_size, peer=peer, reference=reference,
                                  on_progress=on_progress)
         if plot is not None:
             lib.plot_rows(rows, plot)

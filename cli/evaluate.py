@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import ui
-from .options import HomeOpt, ModelOpt
+from .options import HomeOpt, ModelOpt, StoreOpt
 
 __all__ = ["eval_command"]
 
@@ -33,10 +33,12 @@ def eval_command(
     answers_out: Optional[Path] = typer.Option(None, "--answers-out", help="Also write every answer, scored, to this JSONL file."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per system (and top-k) on stdout."),
     home: Optional[Path] = HomeOpt,
+    store: Optional[str] = StoreOpt,
 ) -> None:
     """Answer every question with CAG, BM25 RAG, dense RAG and the uncached full prompt; score and time them."""
     import cag
     from cag.measure.evaluate import QAFields, check_systems, load_qa, run_eval, select_items
+    from cag.stores import open_store
 
     ks = _parse_top_k(top_k)
     contexts = [c.strip() for c in context.split(",") if c.strip()] if context else None
@@ -49,6 +51,7 @@ def eval_command(
             lm = cag.load_model(model, home=home)
         with _answer_progress(quiet=json_out) as progress:
             report = run_eval(lm, items, top_k=ks, systems=chosen, max_new_tokens=max_new_tokens, home=home,
+                              store=open_store(store, home),
                               on_progress=progress, dataset_name=dataset)
     if answers_out is not None:
         _write_answers(answers_out, report)

@@ -12,3 +12,8 @@ QuantizeOpt = typer.Option(None, "--quantize", help="Weights on the CPU, each wi
                                                      "float32, 'int8' quantizes any model.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: $CAG_THREADS, else the cores this process may use).")
 KvDtypeOpt = typer.Option(None, "--kv-dtype", help="Store the cache as float32, bfloat16, float16 or int8 (default: the model's dtype).")
+StoreOpt = typer.Option(
+    None, "--store", envvar="CAG_STORE", show_envvar=True,
+    help="Where caches live: file:///PATH (default: the store under the cache home) or redis://[:PASSWORD@]HOST:PORT/DB "
+         "(rediss:// for TLS; a cluster node's URL opens the cluster).",
+)
