@@ -265,6 +265,7 @@ class RedisStore:
                     self._forget(staging for staging, _ in pairs)
                     raise
             pipe = self._client.pipeline(transaction=False)
+            pipe.hsetnx(self._g("settings"), "block_size", self.block_size)  # again, should Redis have been flushed
             pipe.sadd(self._g("entries"), key)
             for h in hashes:
                 pipe.sadd(self._g(f"blk:{h}"), key)
@@ -426,7 +427,10 @@ class RedisStore:
 
     def token_ids(self, entry: Entry) -> list[int]:
         with self._io():
-            raw, crc = self._client.get(self._k(entry.key, "ids")), self._client.hget(self._k(entry.key, "meta"), "ids_crc")
+            pipe = self._client.pipeline(transaction=False)
+            pipe.get(self._k(entry.key, "ids"))
+            pipe.hget(self._k(entry.key, "meta"), "ids_crc")
+            raw, crc = pipe.execute()
             if raw is None or crc is None:
                 self._lost(entry)
             if _crc32(raw) != int(crc):
@@ -686,11 +690,11 @@ def _errors(where: str, secret: str | None) -> Iterator[None]:
     except CagError:
         raise
     except rex.AuthenticationError as exc:
-        missing = "NOAUTH" in str(exc) or "required" in str(exc).lower()
-        fix = ("it needs a password: put it in the store URL, redis://:PASSWORD@" if missing else
-               "fix the user name or password in the store URL, redis://[USER]:PASSWORD@")
-        raise StoreAuthError(f"Redis at {where} refused to let cag in ({reason(exc)}): {fix}{where}/0, "
-                             "given as --store or $CAG_STORE") from exc
+        if not secret:
+            raise StoreAuthError(f"Redis at {where} needs a password, and the store URL gives none: put it in the URL, "
+                                 f"redis://:PASSWORD@{where}/0, given as --store or $CAG_STORE") from exc
+        raise StoreAuthError(f"Redis at {where} refused the password in the store URL ({reason(exc)}): fix it in "
+                             f"redis://[USER]:PASSWORD@{where}/0, given as --store or $CAG_STORE") from exc
     except rex.OutOfMemoryError as exc:
         raise EntryTooBigError(
             f"Redis at {where} ran out of memory (maxmemory) while storing; nothing was published: free space "
