@@ -75,7 +75,7 @@ log = logging.getLogger("cag.stores")
 DEFAULT_PREFIX = "cag:"
 DEFAULT_LOCAL_COPY = 10 << 30
 CONNECT_TIMEOUT_S = 3.0
-SOCKET_TIMEOUT_S = 30.0
+SOCKET_TIMEOUT_S = 10.0  # per read: a server that stops answering fails in seconds, not never
 STAGING_TTL_MS = 3600 * 1000  # a put that dies leaves staging keys for at most this long
 CHUNK_BYTES = 32 << 20  # bytes sent or fetched per round trip
 _PREFIX = re.compile(r"[A-Za-z0-9:_.-]{1,64}")  # no braces: they would override the entries' hash tags
@@ -700,13 +700,16 @@ def _errors(where: str, secret: str | None) -> Iterator[None]:
             f"Redis at {where} ran out of memory (maxmemory) while storing; nothing was published: free space "
             "with `cag gc --max-size ...` or raise maxmemory"
         ) from exc
-    except (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.RedisClusterException, OSError) as exc:
+    except (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, rex.RedisClusterException) as exc:
         raise StoreUnreachableError(
             f"cannot reach Redis at {where} ({reason(exc)}): start redis-server there, or point --store / $CAG_STORE "
             "at a running one"
         ) from exc
     except rex.RedisError as exc:
         raise StoreError(f"Redis at {where} refused a command ({reason(exc)})") from exc
+    except OSError as exc:  # this machine's side: the scratch files and the local copy under the cache home
+        raise StoreError(f"cannot write the local files of the Redis store at {where}: {exc.strerror or exc}; "
+                         "set CAG_HOME to a writable folder") from exc
 
 
 def _gather(data: mmap.mmap, ranges) -> bytes:

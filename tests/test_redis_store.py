@@ -468,6 +468,8 @@ def test_cluster_put_lookup_restore_remove(redis_cluster, tmp_path):
     assert store.restore(entries[3], 100).token_ids == [3] * 100
     assert store.restore(entries[3]).cache.get_seq_length() == 340
     assert sorted(store.verify().ok) == sorted(e.key for e in entries)
+    redis_cluster.nodes[0].cli("-c", "DEL", f"{store.prefix}entries")  # every node's entries must be found again
+    assert store.entries() == [] and sorted(store.verify().reindexed) == sorted(e.key for e in entries)
     assert [e.key for e in store.remove("c0")] == [entries[0].key]
     assert len(store.gc(entries[0].bytes * 3)) == 4 and len(store.entries()) == 3
     assert_still_usable(store)
