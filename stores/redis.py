@@ -150,7 +150,8 @@ class RedisStore:
         self._copy: LocalStore | None = None
         if local_copy is not None and local_copy_max > 0:
             slug = re.sub(r"[^A-Za-z0-9.-]+", "-", f"{where}-{prefix}").strip("-")[:60]
-            digest = hashlib.sha256(f"{self.url}|{prefix}|{self.block_size}".encode()).hexdigest()[:10]
+            server = urlsplit(self.url)._replace(query="").geturl()  # the server and database, not the options
+            digest = hashlib.sha256(f"{server}|{prefix}|{self.block_size}".encode()).hexdigest()[:10]
             self._copy = LocalStore(Path(local_copy) / f"{slug}-{digest}", block_size=self.block_size)
 
     @classmethod
