@@ -174,24 +174,21 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by alias (``smollm2``, the default), local folder or Hugging Face id.
 
-    The default model on the CPU computes with its GGUF's own 4-bit weights
-    (``quantize="q4"``, name ``SmolLM2-135M-Instruct:q4``); ``quantize="none"`` de-quantizes
-    them to float32 instead (name ``SmolLM2-135M-Instruct``). ``quantize="int8"`` (or a
-    name ending in ``:int8``) quantizes the linear layers' weights to int8 on the CPU; its KV cache differs from the full-precision model's, so it has
+    ``quantize="q4"`` (the default model only) computes with its GGUF's own 4-bit weights
+    instead of their float32 de-quantization; ``quantize="none"`` asks for the weights as
+    loaded. ``quantize="int8"`` (or a name ending in ``:int8``) quantizes the linear layers'
+    weights to int8 on the CPU; its KV cache differs from the full-precision model's, so it has
     a fingerprint of its own and caches of one are refused by the other. ``threads`` sets
     torch's CPU threads; without it the first load applies ``default_threads()`` and later
     loads leave the count as it is.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    float_weights = quantize == "none"
-    base, quantize = split_quantize(name or DEFAULT_MODEL, None if float_weights else quantize)
+    base, quantize = split_quantize(name or DEFAULT_MODEL, None if quantize == "none" else quantize)
     if threads is not None or not _defaults_applied:
         set_threads(threads)
     display, source = _resolve_source(base, home)
     device = torch.device(device) if device is not None else default_device()
-    if quantize is None and not float_weights and base == DEFAULT_MODEL and device.type == "cpu" and dtype in (None, torch.float32):
-        quantize = "q4"  # the embedded model is a Q4_1 GGUF: computing with its blocks reads an eighth of the bytes
     if quantize == "q4" and display != EMBEDDED_NAME:
         raise ModelError("--quantize q4 computes with the embedded GGUF's own 4-bit weights, which only the default "
                          "model has: use --quantize int8 for other models")

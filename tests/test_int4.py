@@ -116,19 +116,20 @@ def test_q4_needs_gguf_weights(tmp_path, tiny_dir):
 
 
 @pytest.mark.integration
-def test_the_default_model_computes_with_its_gguf_blocks(real_home):
+def test_the_default_model_computes_with_its_gguf_blocks_when_asked(real_home):
     from cag.home import models_dir
     from cag.model import load_model
     from cag.prefill import prefill
 
-    q4 = load_model(home=real_home)
+    q4 = load_model(home=real_home, quantize="q4")
     assert q4.quantize == "q4" and q4.name.endswith(":q4")
     assert sum(isinstance(m, Int4Linear) for m in q4.model.modules()) == 7 * q4.num_layers
     packs = list((models_dir(real_home) / "int4").glob("*.int4.safetensors"))
     assert len(packs) == 1  # packed once, then read back
-    again = load_model(home=real_home)
+    again = load_model("SmolLM2-135M-Instruct:q4", home=real_home)
     assert again.fingerprint == q4.fingerprint
     dense = load_model(home=real_home, quantize="none")
+    assert dense.fingerprint == load_model(home=real_home).fingerprint
     assert dense.quantize is None and dense.fingerprint != q4.fingerprint
     ids = list(q4.tokenizer("The refund policy allows returns within", add_special_tokens=False)["input_ids"])
     logits = [prefill(lm, ids).last_logits for lm in (q4, again, dense)]
