@@ -20,7 +20,7 @@ from cag.measure.evaluate import (
     run_eval,
     token_f1,
 )
-from cag.measure.retrievers import Embedder
+from cag.retrieval import Embedder
 
 PUMPS = [
     {"source": "pumps.md", "text": "The Lyra pump has product code KP-2208. It weighs 14 kilograms."},

@@ -36,7 +36,7 @@ from ..knowledge import build, resolve_model
 from ..model import LoadedModel
 from ..prefill import prefill
 from ..prompt import PromptBuilder
-from .retrievers import DEFAULT_PASSAGE_WORDS, BM25Retriever, DenseRetriever, Embedder, Hit, split_passages
+from ..retrieval import DEFAULT_PASSAGE_WORDS, BM25Retriever, DenseRetriever, Embedder, Hit, split_passages
 
 __all__ = [
     "SYSTEMS",
