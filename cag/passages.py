@@ -43,7 +43,7 @@ from transformers import DynamicCache
 
 from .compose import Composition, Segment, compose, rotary_of
 from .documents import Document
-from .errors import CacheMismatchError, CacheNotFoundError, ContextTooLongError, PassageError
+from .errors import CacheMismatchError, CacheNotFoundError, ContextTooLongError, InvalidNameError, PassageError
 from .generate import generate
 from .hashing import chain_seed, sequence_key
 from .knowledge import Answer, KnowledgeBase, _as_documents, open_store, resolve_model
@@ -395,7 +395,7 @@ def _metadata(lm: LoadedModel, kv_dtype: str, tokens: int, sources: tuple[str, .
 def _stored(store, key: str):
     try:
         return store.resolve(key)
-    except CacheNotFoundError:
+    except (CacheNotFoundError, InvalidNameError):  # a label too long to be one names nothing
         return None
 
 

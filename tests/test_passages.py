@@ -300,3 +300,43 @@ def test_dense_retrieval_picks_passages_too(tiny, home):
     collection = build_passages(DOCS, "manuals", model=tiny, home=home, passage_tokens=24)
     hits = collection.search("Where do I get a new badge if I lose mine?", top_k=2, retriever="dense")
     assert hits[0][0].passage.source == "badges.txt" and hits[0][1] >= hits[1][1]
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def test_cli_builds_a_collection_and_asks_it_composed(tiny_dir, docs, home):
+    from typer.testing import CliRunner
+
+    from cag.cli.main import app
+
+    def cag(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    built = cag("build", docs, "--name", "manuals", "--passages", "--passage-tokens", "32", "--model", tiny_dir, "--json")
+    assert built.exit_code == 0, built.output
+    info = json.loads(built.stdout.splitlines()[-1])
+    assert info["passages"] == 3 and info["prefilled_tokens"] == info["tokens"] > 0 and info["reused_passages"] == 0
+
+    rows = {}
+    for mode, extra in (("composed", ()), ("recomputed", ("--recompute", "1000")), ("full", ("--no-cache",))):
+        asked = cag("ask", "--cache", "manuals", "--top-k", "2", *extra, "Who approves travel?", "--max-new-tokens", "6", "--json")
+        assert asked.exit_code == 0, asked.output
+        rows[mode] = json.loads(asked.stdout.splitlines()[-1])
+    assert rows["composed"]["mode"] == "composed" and rows["full"]["mode"] == "no-cache"
+    assert rows["composed"]["passages"][0]["source"].endswith("travel.md")
+    assert rows["recomputed"]["answer"] == rows["full"]["answer"]
+    assert rows["composed"]["prefilled_tokens"] < rows["recomputed"]["prefilled_tokens"] < rows["full"]["prefilled_tokens"]
+
+    streamed = cag("ask", "--cache", "manuals", "Where are badges issued?", "--max-new-tokens", "4")  # a collection: composed
+    assert streamed.exit_code == 0 and "badges.txt #0" in streamed.stdout, streamed.output
+
+    assert cag("build", docs, "--name", "plain", "--model", tiny_dir).exit_code == 0
+    refused = cag("ask", "--cache", "plain", "--top-k", "2", "Who approves travel?")
+    assert refused.exit_code == 1 and "not a passage collection" in refused.output and "Traceback" not in refused.output
+    nameless = cag("build", docs, "--passages", "--model", tiny_dir)
+    assert nameless.exit_code == 1 and "--name" in nameless.output
+
+    assert cag("rm", "manuals").exit_code == 0
+    assert cag("ask", "--cache", "manuals", "--top-k", "2", "Who approves travel?").exit_code == 1
+    assert [e.names for e in LocalStore(home / "store").entries()] == [("plain",)]
