@@ -306,12 +306,14 @@ def build_passages(
     quantize: str | None = None,
     on_progress: ProgressCallback | None = None,
     stdin: TextIO | None = None,
+    embedder: Embedder | None = None,
 ) -> PassageCollection:
     """Cut documents into passages, prefill each once after the instruction prefix, store them as ``name``.
 
     Passages already stored (same model, prefix, KV dtype and text) are labelled, not
     prefilled again; labels a previous build of ``name`` left beyond the new passages
     are removed. The model is checked for exact re-rotation first (CompositionError).
+    ``embedder`` is the dense retriever's (loaded on first use when None).
     """
     start = time.perf_counter()
     _check_name(name)
@@ -369,7 +371,7 @@ def build_passages(
     store.label(name, prefix_entry.key)
     prefix_entry = store.resolve(prefix_entry.key)
     in_memory = prefix if kv_dtype == lm.kv_dtype else None
-    collection = PassageCollection(lm, store, name, prefix_entry, stored, prefix_cache=in_memory)
+    collection = PassageCollection(lm, store, name, prefix_entry, stored, prefix_cache=in_memory, embedder=embedder)
     collection.report = PassageBuildReport(
         name=name, prefix_key=prefix_entry.key, passages=len(stored), tokens=total, prefix_tokens=len(prefix_ids),
         bytes=sum(p.entry.bytes for p in stored), seconds=time.perf_counter() - start, reused_passages=reused,
