@@ -186,10 +186,11 @@ class PassageCollection:
         """The ``top_k`` passages for ``question``, best first, with their scores."""
         if top_k < 1:
             raise PassageError(f"top-k must be at least 1, got {top_k}")
-        hits: list[Hit] = self._retriever(retriever).search(question, top_k)
+        hits: list[Hit] = self.retriever(retriever).search(question, top_k)
         return [(self._by_position[(h.passage.document, h.passage.index)], h.score) for h in hits]
 
-    def _retriever(self, kind: str):
+    def retriever(self, kind: str = "bm25"):
+        """The collection's BM25 or dense index over its passages, built on first use."""
         if kind not in RETRIEVERS:
             raise PassageError(f"unknown retriever {kind!r}: choose from {', '.join(RETRIEVERS)}")
         if kind not in self._retrievers:

@@ -198,9 +198,10 @@ def test_composing_with_every_token_recomputed_is_a_full_prefill(kind):
         assert torch.allclose(mine.keys, theirs.keys, atol=1e-4) and torch.allclose(mine.values, theirs.values, atol=1e-4)
     logits = prefill(lm, question, composed.cache).last_logits
     reference = prefill(lm, question, full.cache).last_logits
-    assert (logits - reference).abs().max() < 1e-4
+    exact = float((logits - reference).abs().max())
+    assert exact < 1e-4
     approximate = prefill(lm, question, compose(lm, prefix, head, segments).cache).last_logits
-    assert (approximate - reference).abs().max() > 1e-3  # without recomputing, passages never saw each other
+    assert float((approximate - reference).abs().max()) > 10 * exact + 1e-5  # not recomputed: passages never met
 
     from cag.generate import generate
 

@@ -506,8 +506,9 @@ def run_eval(
         if any(s in CACHED_SYSTEMS for s in systems):
             collection = build_passages(documents, _collection_name(documents), model=lm, home=home, store=store,
                                         passage_tokens=passage_tokens, embedder=embedder)
-            for system in CACHED_SYSTEMS:
-                setup[system] += collection.report.seconds if system in systems else 0.0
+            for system, retriever in CACHED_SYSTEMS.items():
+                if system in systems:
+                    setup[system] += collection.report.seconds + collection.retriever(retriever).build_s
         for item in group:
             answers = chain(_answer_all(item, kb, retrievers, systems, ks, lm, prompt, max_new_tokens),
                             _answer_composed(item, collection, systems, ks, rs, max_new_tokens))
