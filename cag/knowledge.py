@@ -14,7 +14,6 @@ from .batch import supports_shared_prefix
 from .documents import Document, load_documents
 from .errors import CacheMismatchError, ContextTooLongError, ModelError
 from .generate import Generation, generate, generate_batch
-from .home import store_dir
 from .kvcache import CacheMetadata, check_kv_dtype, now_iso
 from .model import LoadedModel, split_quantize, load_model
 from .prefill import DEFAULT_CHUNK_SIZE, ProgressCallback, prefill
@@ -59,12 +58,10 @@ class BuildReport:
 
 
 def open_store(home: str | os.PathLike | None = None, store=None):
-    """The store passed in, else the local store under the cache home."""
-    if store is not None:
-        return store
-    from .stores import LocalStore
+    """``store`` if it is a store; else the store its URL names; else ``$CAG_STORE``, else the local store under the cache home."""
+    from .stores import open_store as open_url
 
-    return LocalStore(store_dir(home))
+    return open_url(store, home)
 
 
 def resolve_model(
@@ -72,7 +69,7 @@ def resolve_model(
 ) -> LoadedModel:
     if not isinstance(model, LoadedModel):
         return load_model(model, home=home, quantize=quantize)
-    if quantize is not None and model.quantize != quantize:
+    if quantize is not None and model.quantize != (None if quantize == "none" else quantize):
         raise ModelError(f"model {model.name!r} is already loaded without {quantize} quantization: "
                          f"load it with load_model(..., quantize={quantize!r})")
     return model

@@ -11,7 +11,10 @@ File layout (format ``cag-kv`` version 1), all in one safetensors file:
 * ``token_ids``: int64 ``[tokens]``, so a match can be confirmed token by token;
 * header metadata (strings): format and version, model fingerprint, tokenizer hash,
   KV dtype, token count, context boundary, sources, creation time, and a CRC32 per
-  block of tokens, so corruption is caught on every load, including prefix loads.
+  block of tokens, so corruption is caught on every load, including prefix loads;
+  ``names``, a JSON list, where the cache has names: a file describes itself fully,
+  so a lost store index is rebuilt from the files. An unnamed file has no ``names``
+  field and is what version 1 always wrote; readers that predate the field ignore it.
 
 The KV dtype on disk is ``float32``, ``bfloat16``, ``float16`` or ``int8``. An int8
 file (``kvint8``: KIVI's keys per channel, values per token) adds four float32 tensors
@@ -45,6 +48,7 @@ import json
 import math
 import mmap
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -79,6 +83,9 @@ __all__ = [
     "load_cache",
     "read_metadata",
     "read_token_ids",
+    "FileBlocks",
+    "file_blocks",
+    "write_names",
     "cache_from_layers",
     "cache_layers",
     "crop_to",
@@ -119,13 +126,16 @@ class CacheMetadata:
     num_layers: int
     sources: tuple[str, ...] = ()
     created: str = ""
+    names: tuple[str, ...] = ()  # the names the cache is known by in its store
 
     def to_header(self, block_crcs: Sequence[int], token_crc: int) -> dict[str, str]:
-        header = {k: str(v) for k, v in asdict(self).items() if k not in ("sources",)}
+        header = {k: str(v) for k, v in asdict(self).items() if k not in ("sources", "names")}
         header["sources"] = json.dumps(list(self.sources))
         # Version 1 files spell out a context boundary; every writer has set it to ``tokens``.
         header["boundary"] = str(self.tokens)
         header["format_version"] = str(FORMAT_VERSION)
+        if self.names:
+            header["names"] = json.dumps(list(self.names))
         header["format"] = FORMAT_NAME
         header["crc_block_tokens"] = str(CRC_BLOCK_TOKENS)
         header["block_crc32"] = ",".join(f"{c:08x}" for c in block_crcs)
@@ -144,6 +154,7 @@ class CacheMetadata:
                 num_layers=int(header["num_layers"]),
                 sources=tuple(json.loads(header.get("sources", "[]"))),
                 created=header.get("created", ""),
+                names=tuple(str(n) for n in json.loads(header.get("names", "[]"))),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise CorruptCacheError(f"{path}: cache header lacks or garbles {exc}") from exc
@@ -407,6 +418,82 @@ def load_cache(
         seconds=time.perf_counter() - start,
         zero_copy=zero_copy,
     )
+
+
+@dataclass(frozen=True)
+class FileBlocks:
+    """Where a cache file keeps each checked block of tokens, so a store can keep blocks apart.
+
+    ``blocks[b]`` lists the byte ranges (absolute file offsets) that CRC block ``b``
+    covers, in checksum order: the CRC32 of their bytes, concatenated, is
+    ``block_crcs[b]``. The header (``[0, header_size)``), every block's ranges and
+    ``token_ids`` cover the whole file, each byte once, so the file is rebuilt from them.
+    """
+
+    header_size: int
+    file_size: int
+    tokens: int
+    block_tokens: int
+    blocks: tuple[tuple[tuple[int, int], ...], ...]
+    block_crcs: tuple[int, ...]
+    token_ids: tuple[int, int]
+    token_ids_crc: int
+
+
+def file_blocks(path: str | os.PathLike) -> FileBlocks:
+    """The block layout of a cache file, from its header alone (the data is not read)."""
+    path = Path(path)
+    header = _read_header(path)
+    meta = CacheMetadata.from_header(header.metadata, path)
+    layout = _check_layout(header, meta, path)
+    infos = [(header.tensors[f"layers.{i}.{p.name}"], p.group) for i in range(meta.num_layers) for p in layout.parts]
+    infos = _in_crc_order(infos, meta.num_layers, layout.parts)
+    blocks = []
+    for begin in range(0, meta.tokens, layout.block):
+        end = min(begin + layout.block, meta.tokens)
+        ranges = []
+        for info, group in infos:
+            batch, heads, rows, width = info.shape
+            row = width * _itemsize(info.dtype)
+            first, last = begin // group, min(rows, -(-end // group))
+            ranges += [(info.begin + (bh * rows + first) * row, info.begin + (bh * rows + last) * row) for bh in range(batch * heads)]
+        blocks.append(tuple(ranges))
+    try:
+        crcs = tuple(int(c, 16) for c in header.metadata.get("block_crc32", "").split(",") if c)
+        token_crc = int(header.metadata.get("token_ids_crc32", ""), 16)
+    except ValueError as exc:
+        raise CorruptCacheError(f"{path}: the checksums in the header are garbled; the file is corrupt") from exc
+    if len(crcs) != len(blocks):
+        raise CorruptCacheError(f"{path}: the header has {len(crcs)} block checksums for {len(blocks)} blocks; the file is corrupt")
+    ids = header.tensors["token_ids"]
+    return FileBlocks(header.size, header.file_size, meta.tokens, layout.block, tuple(blocks), crcs, (ids.begin, ids.end), token_crc)
+
+
+def write_names(src: str | os.PathLike, dst: str | os.PathLike, names: Sequence[str]) -> int:
+    """Copy cache file ``src`` to ``dst`` (a new file) with ``names`` in its header, the data as it is; returns its size.
+
+    Only the header changes; the caller replaces ``src`` by ``dst`` with a rename, so a
+    reader never sees a half-written file, and one that maps ``src`` keeps its mapping.
+    """
+    src, dst = Path(src), Path(dst)
+    header = _read_header(src)
+    try:
+        with open(src, "rb") as f, open(dst, "xb") as out:
+            f.seek(8)
+            doc = json.loads(f.read(header.size - 8))
+            if names:
+                doc["__metadata__"]["names"] = json.dumps(list(names))
+            else:
+                doc["__metadata__"].pop("names", None)
+            text = json.dumps(doc, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+            out.write(struct.pack("<Q", len(text)) + text)
+            shutil.copyfileobj(f, out, 1 << 22)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        raise StoreError(f"cannot write {dst}: {exc.strerror or exc}") from exc
+    return dst.stat().st_size
 
 
 def _restore_layer(

@@ -174,22 +174,27 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by alias (``smollm2``, the default), local folder or Hugging Face id.
 
-    ``quantize="int8"`` (or a name ending in ``:int8``) quantizes the linear layers' weights
-    to int8 on the CPU; its KV cache differs from the full-precision model's, so it has
+    The default model on the CPU computes with its GGUF's own 4-bit weights
+    (``quantize="q4"``, name ``SmolLM2-135M-Instruct:q4``); ``quantize="none"`` de-quantizes
+    them to float32 instead (name ``SmolLM2-135M-Instruct``). ``quantize="int8"`` (or a
+    name ending in ``:int8``) quantizes the linear layers' weights to int8 on the CPU; its KV cache differs from the full-precision model's, so it has
     a fingerprint of its own and caches of one are refused by the other. ``threads`` sets
     torch's CPU threads; without it the first load applies ``default_threads()`` and later
     loads leave the count as it is.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, quantize = split_quantize(name or DEFAULT_MODEL, quantize)
+    float_weights = quantize == "none"
+    base, quantize = split_quantize(name or DEFAULT_MODEL, None if float_weights else quantize)
     if threads is not None or not _defaults_applied:
         set_threads(threads)
     display, source = _resolve_source(base, home)
+    device = torch.device(device) if device is not None else default_device()
+    if quantize is None and not float_weights and base == DEFAULT_MODEL and device.type == "cpu" and dtype in (None, torch.float32):
+        quantize = "q4"  # the embedded model is a Q4_1 GGUF: computing with its blocks reads an eighth of the bytes
     if quantize == "q4" and display != EMBEDDED_NAME:
         raise ModelError("--quantize q4 computes with the embedded GGUF's own 4-bit weights, which only the default "
                          "model has: use --quantize int8 for other models")
-    device = torch.device(device) if device is not None else default_device()
     if quantize is not None and device.type != "cpu":
         raise ModelError(f"--quantize {quantize} runs on the CPU only; drop it on {device.type}")
     dtype = dtype or torch.float32
@@ -202,8 +207,8 @@ def load_model(
         raise ModelError(f"cannot load model {display!r}: {first_line}") from exc
     model.to(device)
     gguf = embedded_gguf_path() if quantize == "q4" else None
-    return wrap_model(model, tokenizer, name=display, weights_hash=_cached_weights_hash(source, model), quantize=quantize,
-                      gguf=gguf)
+    return _wrap(model, tokenizer, name=display, weights_hash=_cached_weights_hash(source, model), quantize=quantize,
+                 gguf=gguf, home=home)
 
 
 def wrap_model(
@@ -222,6 +227,11 @@ def wrap_model(
     ``:int8`` suffix, so caches record (and ``cag.load`` reloads) the quantized model.
     ``quantize="q4"`` takes the 4-bit weights from ``gguf``, the file ``model`` was loaded from.
     """
+    return _wrap(model, tokenizer, name=name, weights_hash=weights_hash, quantize=quantize, gguf=gguf, home=None)
+
+
+def _wrap(model: Any, tokenizer: Any, *, name: str, weights_hash: str | None, quantize: str | None,
+          gguf: str | os.PathLike | None, home: str | os.PathLike | None) -> LoadedModel:
     _, quantize = split_quantize(name, quantize)
     model.eval()
     param = next(model.parameters())
@@ -230,7 +240,7 @@ def wrap_model(
     config = json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str)
     parts = [b"cag-model-v1", config.encode(), weights_hash.encode(), tok_hash.encode()]
     if quantize is not None:
-        parts.append(f"quantize={_quantize_weights(model, tokenizer, quantize, gguf)}".encode())
+        parts.append(f"quantize={_quantize_weights(model, tokenizer, quantize, gguf, home)}".encode())
         name = name if name.endswith(f":{quantize}") else f"{name}:{quantize}"
     return LoadedModel(
         model=model,
@@ -258,7 +268,8 @@ def split_quantize(name: str, quantize: str | None) -> tuple[str, str | None]:
     return name, quantize
 
 
-def _quantize_weights(model: Any, tokenizer: Any, mode: str, gguf: str | os.PathLike | None) -> str:
+def _quantize_weights(model: Any, tokenizer: Any, mode: str, gguf: str | os.PathLike | None,
+                      home: str | os.PathLike | None) -> str:
     """Quantize the linear layers in place; returns the scheme the fingerprint records.
 
     A decode step then reads a quarter (int8) or an eighth (q4) of the float32 weight
@@ -266,11 +277,11 @@ def _quantize_weights(model: Any, tokenizer: Any, mode: str, gguf: str | os.Path
     from .quantize import CALIBRATION_TOKENS, calibration_text, quantize_linear_layers, scheme
 
     if mode == "q4":
-        from .int4 import use_gguf_int4
+        from .int4 import packs_file, use_gguf_int4
 
         if gguf is None:
             raise ModelError("q4 computes with a GGUF file's 4-bit weights: pass the GGUF the model was loaded from")
-        use_gguf_int4(model, gguf)
+        use_gguf_int4(model, gguf, packs=packs_file(models_dir(home) / "int4", gguf))
         return _Q4_SCHEME
     if mode != "int8":  # pragma: no cover - split_quantize admits only known modes
         raise ModelError(f"unknown quantization {mode!r}")

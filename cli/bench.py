@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from . import ui
-from .options import HomeOpt, KvDtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt
+from .options import HomeOpt, KvDtypeOpt, ModelOpt, QuantizeOpt, StoreOpt, ThreadsOpt
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,13 @@ def bench(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per context length on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of time to first token against context length."),
     home: Optional[Path] = HomeOpt,
+    store: Optional[str] = StoreOpt,
 ) -> None:
     """Measure time to first token (re-prefill, restored cold/warm, in memory), per-question latency,
     batched asking, restore speed and cache size; optionally against llama.cpp."""
     import cag
     from cag.measure import bench as lib
+    from cag.stores import open_store
     from cag.model import set_threads
 
     plan = FULL if full else QUICK
@@ -65,6 +67,8 @@ def bench(
         with ui.status("Loading model (the first run converts the embedded model, ~30 s)…", quiet=json_out):
             used = set_threads(threads)
             lm = cag.load_model(model, home=home, quantize=quantize)
+            # Quantized weights change answers: the full-precision model says how many.
+            reference = cag.load_model(model, home=home, quantize="none") if lm.quantize else None
         if not json_out:
             ui.err.print(f"{used} torch thread{'s' if used > 1 else ''}, {len(asked)} questions, {repeats} repeat(s)"
                          f"{'' if full or lengths else '; --full for the whole table'}")
@@ -73,8 +77,9 @@ def bench(
             ui.err.print(f"[yellow]note:[/] lengths above {max(fitted):,} tokens clipped to fit the model's "
                          f"{lm.max_context:,}-token window with a question and its answer")
         with _progress(quiet=json_out) as on_progress:
-            rows = lib.run_bench(lm, fitted, asked, documents=documents, home=home, max_new_tokens=max_new_tokens,
-                                 repeats=repeats, kv_dtype=kv_dtype, batch_size=batch_size, peer=peer,
+            rows = lib.run_bench(lm, fitted, asked, documents=documents, home=home, store=open_store(store, home),
+                                 max_new_tokens=max_new_tokens, repeats=repeats, kv_dtype=kv_dtype,
+                                 batch_size=batch_size, peer=peer, reference=reference,
                                  on_progress=on_progress)
         if plot is not None:
             lib.plot_rows(rows, plot)
@@ -170,13 +175,15 @@ def _answers_tables(rows) -> list[Table]:
         f"{first.max_new_tokens} new tokens; first: restore + question prefill; tok/s: decoding after the first token; "
         f"batched: throughput of all {first.questions} in batches of {first.batch_size} over one by one; same: "
         "share of batched answers identical to one-by-one"
-        + (f"; agrees: share of answers identical to those of the cache as prefilled ({first.kv_dtype} stored)"
+        + f"; GB/s: bytes a decode step reads (weights and context KV) x tok/s, and its share of this machine's "
+          f"{first.memory_gb_s:,.1f} GB/s copy bandwidth"
+        + (f"; agrees: share of answers identical to full precision ({'float32 weights' if ':' in first.model else first.kv_dtype + ' stored'})"
            if agreement else "")))
-    for header in ["context", "first", "tok/s", "per question", "batched", "same"] + (["agrees"] if agreement else []):
+    for header in ["context", "first", "tok/s", "GB/s", "per question", "batched", "same"] + (["agrees"] if agreement else []):
         table.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         cells = [f"{r.context_tokens:,}", _seconds(r.per_question_ttft_s), f"{r.decode_tok_s:,.1f}",
-                 _seconds(r.per_question_s), f"{r.batch_speedup:,.1f}×", f"{r.batch_identical:.0%}"]
+                 f"{r.decode_gb_s:,.1f} ({r.decode_bandwidth_share:.0%})", _seconds(r.per_question_s), f"{r.batch_speedup:,.1f}×", f"{r.batch_identical:.0%}"]
         table.add_row(*cells + ([f"{r.identical_to_full_precision:.0%}"] if agreement else []))
     if first.peer is None:
         return [table]

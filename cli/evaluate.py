@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import ui
-from .options import HomeOpt, ModelOpt
+from .options import HomeOpt, ModelOpt, StoreOpt
 
 __all__ = ["eval_command"]
 
@@ -38,10 +38,12 @@ def eval_command(
     answers_out: Optional[Path] = typer.Option(None, "--answers-out", help="Also write every answer, scored, to this JSONL file."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per system (and top-k) on stdout."),
     home: Optional[Path] = HomeOpt,
+    store: Optional[str] = StoreOpt,
 ) -> None:
     """Answer every question with CAG, BM25 RAG, dense RAG and the uncached full prompt; score and time them."""
     import cag
     from cag.measure.evaluate import QAFields, check_systems, load_qa, run_eval, select_items
+    from cag.stores import open_store
 
     ks = _parse_numbers(top_k, "--top-k", 1)
     rs = _parse_numbers(recompute, "--recompute", 0)
@@ -55,7 +57,8 @@ def eval_command(
             lm = cag.load_model(model, home=home)
         with _answer_progress(quiet=json_out) as progress:
             report = run_eval(lm, items, top_k=ks, systems=chosen, max_new_tokens=max_new_tokens, home=home,
-                              on_progress=progress, dataset_name=dataset, recompute=rs, passage_tokens=passage_tokens)
+                              store=open_store(store, home), on_progress=progress, dataset_name=dataset,
+                              recompute=rs, passage_tokens=passage_tokens)
     if answers_out is not None:
         _write_answers(answers_out, report)
     if json_out:

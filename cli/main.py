@@ -13,14 +13,14 @@ from rich import box
 from rich.table import Table
 
 from . import ui
-from .options import HomeOpt, JsonOpt, KvDtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt
+from .options import HomeOpt, JsonOpt, KvDtypeOpt, ModelOpt, QuantizeOpt, StoreOpt, ThreadsOpt
 
 app = typer.Typer(
     name="cag",
     help=(
         "Cache-Augmented Generation: prefill documents once into a KV cache stored as safetensors, "
         "then answer many questions against the restored cache. Caches live in $CAG_HOME/store "
-        "(default ~/.cache/cag/store)."
+        "(default ~/.cache/cag/store), or in the store that --store / $CAG_STORE names (e.g. redis://HOST:6379/0)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -28,10 +28,17 @@ app = typer.Typer(
 )
 
 
-def _store(home: Optional[Path]):
-    from cag.knowledge import open_store
+def _store(home: Optional[Path], url: Optional[str]):
+    from cag.stores import open_store
 
-    return open_store(home)
+    return open_store(url, home)
+
+
+def _where(home: Optional[Path], url: Optional[str]) -> str:
+    """The store's URL as it may be printed (no password)."""
+    from cag.stores import default_url, redact
+
+    return redact(url or default_url(home))
 
 
 @app.command()
@@ -45,6 +52,7 @@ def build(
     threads: Optional[int] = ThreadsOpt,
     json_out: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
+    store: Optional[str] = StoreOpt,
     passages: bool = typer.Option(False, "--passages", help="Cache each passage (paragraphs, up to --passage-tokens) on its "
                                                             "own, to compose the top-k per question: cag ask --top-k."),
     passage_tokens: int = typer.Option(256, "--passage-tokens", min=16, help="With --passages: most tokens of text per passage."),
@@ -56,7 +64,8 @@ def build(
     if passages:
         from .passages import build_collection
 
-        return build_collection(inputs, name, model, chunk_size, quantize, kv_dtype, threads, json_out, home, passage_tokens)
+        return build_collection(inputs, name, model, chunk_size, quantize, kv_dtype, threads, json_out, home, passage_tokens,
+                                store)
     with ui.one_line_errors():
         if name is not None:
             validate_name(name)
@@ -64,8 +73,8 @@ def build(
         with ui.status("Loading model (the first run converts the embedded model, ~30 s)…", quiet=json_out):
             lm = cag.load_model(model, home=home, quantize=quantize, threads=threads)
         with ui.token_progress("Prefill", quiet=json_out) as progress:
-            kb = cag.build(documents, name=name, model=lm, home=home, chunk_size=chunk_size, on_progress=progress,
-                           kv_dtype=kv_dtype)
+            kb = cag.build(documents, name=name, model=lm, home=home, store=store, chunk_size=chunk_size,
+                           on_progress=progress, kv_dtype=kv_dtype)
     r = kb.report
     if json_out:
         ui.print_json({"name": r.name, "key": r.key, "tokens": r.tokens, "bytes": r.bytes, "seconds": round(r.seconds, 3),
@@ -75,10 +84,10 @@ def build(
     label = r.name or r.key[:12]
     ui.out.print(
         f"[bold green]built[/] {label}: {r.tokens:,} tokens from {len(r.sources)} document(s), "
-        f"{ui.human_size(r.bytes)} on disk, {r.seconds:.1f} s "
+        f"{ui.human_size(r.bytes)} stored, {r.seconds:.1f} s "
         f"(reused {r.reused_tokens:,}, prefilled {r.prefilled_tokens:,}); key {r.key[:12]}"
     )
-    ui.out.print(f"ask it:  cag ask --cache {label} \"your question\"")
+    ui.out.print(f"ask it:  cag ask --cache {label} \"your question\"" + (f" --store {_where(home, store)}" if store else ""))
 
 
 def _read_questions(questions: List[str], questions_file: Optional[Path]) -> List[str]:
@@ -110,6 +119,7 @@ def ask(
     threads: Optional[int] = ThreadsOpt,
     json_out: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
+    store: Optional[str] = StoreOpt,
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", min=1, help="From a collection built with --passages: "
                                                                              "compose this many passages (default 3)."),
     retriever: str = typer.Option("bm25", "--retriever", help="With --top-k: bm25 or dense picks the passages."),
@@ -123,13 +133,13 @@ def ask(
     from .passages import ask_collection, wants_collection
 
     todo = _read_questions(questions or [], questions_file)
-    if wants_collection(cache, home, top_k, retriever, recompute):
+    if wants_collection(cache, home, top_k, retriever, recompute, store):
         return ask_collection(todo, cache, model, max_new_tokens, temperature, seed, top_k, retriever, recompute,
-                              no_cache, quantize, threads, json_out, home)
+                              no_cache, quantize, threads, json_out, home, store)
     with ui.one_line_errors():
         with ui.status("Loading model…", quiet=json_out):
             set_threads(threads)
-            kb = cag.load(cache, model=model, home=home, quantize=quantize)
+            kb = cag.load(cache, model=model, home=home, store=store, quantize=quantize)
             if not no_cache:
                 kb.restore()  # refused here, before any output, if the cache is damaged
         batched = batch_size > 1 and len(todo) > 1 and not no_cache
@@ -162,18 +172,18 @@ def ask(
 
 
 @app.command("ls")
-def list_caches(json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+def list_caches(json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt, store: Optional[str] = StoreOpt) -> None:
     """List stored caches: name, key, model, tokens, size, created, last used, hits."""
     with ui.one_line_errors():
-        entries = _store(home).entries()
+        entries = _store(home, store).entries()
     if json_out:
         for e in entries:
             ui.print_json(_entry_dict(e))
         return
     if not entries:
-        ui.out.print("no caches yet: build one with `cag build DOCS --name NAME`")
+        ui.out.print(f"no caches yet in {_where(home, store)}: build one with `cag build DOCS --name NAME`")
         return
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), caption=_where(home, store), caption_justify="left")
     table.add_column("name", no_wrap=True)
     table.add_column("key", no_wrap=True)
     table.add_column("model", overflow="ellipsis", no_wrap=True, max_width=16)
@@ -186,11 +196,12 @@ def list_caches(json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> Non
 
 
 @app.command()
-def info(cache: str = typer.Argument(..., help="Name or key of a cache."), json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+def info(cache: str = typer.Argument(..., help="Name or key of a cache."), json_out: bool = JsonOpt,
+         home: Optional[Path] = HomeOpt, store: Optional[str] = StoreOpt) -> None:
     """Show a cache's metadata, sources, blocks and fingerprint."""
     with ui.one_line_errors():
-        entry = _store(home).resolve(cache)
-    data = _entry_dict(entry)
+        entry = _store(home, store).resolve(cache)
+    data = {**_entry_dict(entry), "store": _where(home, store)}
     if json_out:
         ui.print_json(data)
         return
@@ -204,14 +215,15 @@ def info(cache: str = typer.Argument(..., help="Name or key of a cache."), json_
 
 
 @app.command()
-def rm(caches: List[str] = typer.Argument(..., help="Names or keys to remove."), home: Optional[Path] = HomeOpt) -> None:
+def rm(caches: List[str] = typer.Argument(..., help="Names or keys to remove."), home: Optional[Path] = HomeOpt,
+       store: Optional[str] = StoreOpt) -> None:
     """Remove caches by name (the entry goes once no name points to it) or by key."""
     with ui.one_line_errors():
         from cag.passages import is_collection, remove_collection
 
-        store = _store(home)
+        opened = _store(home, store)
         for cache in caches:
-            removed = remove_collection(cache, store=store) if is_collection(cache, store=store) else store.remove(cache)
+            removed = remove_collection(cache, store=opened) if is_collection(cache, store=opened) else opened.remove(cache)
             freed = sum(e.bytes for e in removed)
             ui.out.print(f"removed {cache}" + (f" ({ui.human_size(freed)} freed)" if removed else " (entry kept: other names point to it)"))
 
@@ -220,26 +232,29 @@ def rm(caches: List[str] = typer.Argument(..., help="Names or keys to remove."),
 def gc(
     max_size: str = typer.Option(..., "--max-size", help="Keep the store at most this big, e.g. 2GB; least recently used go first."),
     home: Optional[Path] = HomeOpt,
+    store: Optional[str] = StoreOpt,
 ) -> None:
     """Remove least-recently-used caches until the store fits in --max-size."""
     limit = ui.parse_size(max_size)
     with ui.one_line_errors():
-        removed = _store(home).gc(limit)
+        removed = _store(home, store).gc(limit)
     for e in removed:
         ui.out.print(f"removed {', '.join(e.names) or e.key[:12]} ({ui.human_size(e.bytes)}, last used {_when(e.last_used)})")
     ui.out.print(f"{len(removed)} cache(s) removed, {ui.human_size(sum(e.bytes for e in removed))} freed")
 
 
 @app.command()
-def verify(json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
-    """Re-hash every cache against the checksum recorded when it was written; quarantine failures."""
+def verify(json_out: bool = JsonOpt, home: Optional[Path] = HomeOpt, store: Optional[str] = StoreOpt) -> None:
+    """Re-hash every cache against the checksum recorded when it was written; quarantine failures, re-index what the index lost."""
     with ui.one_line_errors():
-        report = _store(home).verify()
+        report = _store(home, store).verify()
     if json_out:
         ui.print_json({"ok": report.ok, "quarantined": [{"item": k, "reason": r} for k, r in report.quarantined],
-                       "removed_rows": report.removed_rows})
+                       "removed_rows": report.removed_rows, "reindexed": report.reindexed})
     else:
         ui.out.print(f"{len(report.ok)} ok")
+        for key in report.reindexed:
+            ui.out.print(f"[green]re-indexed[/] {key[:12]}: a valid cache the index had lost")
         for item, reason in report.quarantined:
             ui.out.print(f"[red]quarantined[/] {item}: {reason}")
         for key in report.removed_rows:

@@ -13,7 +13,7 @@ __all__ = ["ask_collection", "build_collection", "wants_collection"]
 
 def build_collection(inputs: List[str], name: Optional[str], model: Optional[str], chunk_size: int, quantize: Optional[str],
                      kv_dtype: Optional[str], threads: Optional[int], json_out: bool, home: Optional[Path],
-                     passage_tokens: int) -> None:
+                     passage_tokens: int, store: Optional[str] = None) -> None:
     import cag
     from cag.passages import build_passages
 
@@ -24,7 +24,7 @@ def build_collection(inputs: List[str], name: Optional[str], model: Optional[str
         with ui.status("Loading model (the first run converts the embedded model, ~30 s)…", quiet=json_out):
             lm = cag.load_model(model, home=home, quantize=quantize, threads=threads)
         with ui.token_progress("Prefill passages", quiet=json_out) as progress:
-            collection = build_passages(documents, name, model=lm, home=home, passage_tokens=passage_tokens,
+            collection = build_passages(documents, name, model=lm, home=home, store=store, passage_tokens=passage_tokens,
                                         chunk_size=chunk_size, kv_dtype=kv_dtype, on_progress=progress)
     r = collection.report
     if json_out:
@@ -42,26 +42,27 @@ def build_collection(inputs: List[str], name: Optional[str], model: Optional[str
     ui.out.print(f"ask it:  cag ask --cache {r.name} --top-k 3 \"your question\"")
 
 
-def wants_collection(cache: str, home: Optional[Path], top_k: Optional[int], retriever: str, recompute: int) -> bool:
+def wants_collection(cache: str, home: Optional[Path], top_k: Optional[int], retriever: str, recompute: int,
+                     store: Optional[str] = None) -> bool:
     """Whether `cag ask` composes passages: asked to (--top-k, --retriever, --recompute), or the cache is a collection."""
     if top_k is not None or recompute or retriever != "bm25":
         return True
     from cag.passages import is_collection
 
     with ui.one_line_errors():
-        return is_collection(cache, home=home)
+        return is_collection(cache, home=home, store=store)
 
 
 def ask_collection(todo: List[str], cache: str, model: Optional[str], max_new_tokens: int, temperature: float, seed: int,
                    top_k: Optional[int], retriever: str, recompute: int, no_cache: bool, quantize: Optional[str],
-                   threads: Optional[int], json_out: bool, home: Optional[Path]) -> None:
+                   threads: Optional[int], json_out: bool, home: Optional[Path], store: Optional[str] = None) -> None:
     from cag.model import set_threads
     from cag.passages import load_passages
 
     with ui.one_line_errors():
         with ui.status("Loading model…", quiet=json_out):
             set_threads(threads)
-            collection = load_passages(cache, model=model, home=home, quantize=quantize)
+            collection = load_passages(cache, model=model, home=home, store=store, quantize=quantize)
             collection.prefix_cache  # refused here, before any output, if the prefix is damaged  # noqa: B018
         for question in todo:
             if not json_out:

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from . import ui
-from .options import HomeOpt
+from .options import HomeOpt, StoreOpt
 
 
 def prompt_command(
@@ -22,6 +22,7 @@ def prompt_command(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     home: Optional[Path] = HomeOpt,
+    store: Optional[str] = StoreOpt,
 ) -> None:
     """Answer a prompt, reusing the longest cached prefix of it and caching it for next time."""
     import cag
@@ -29,7 +30,7 @@ def prompt_command(
     chat = _read_chat(text, system, messages)
     with ui.one_line_errors():
         with ui.status("Loading model…", quiet=json_out):
-            pc = cag.PromptCache(model, home=home)
+            pc = cag.PromptCache(model, home=home, store=store)
         stream = None if json_out else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
         out = pc.generate(chat, max_new_tokens=max_new_tokens, temperature=temperature, on_text=stream)
     if json_out:

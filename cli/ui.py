@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
 from typing import Callable, Iterator
 
@@ -87,16 +86,14 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
-          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
-
-
 def parse_size(text: str) -> int:
     """'2GB', '500M', '1.5GiB', '1048576' -> bytes (binary units)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS:
-        raise typer.BadParameter(f"cannot read size {text!r}: use e.g. 500MB, 2GB or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    from cag.stores.registry import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def human_size(n: int) -> str:

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 from cag.kvcache import CacheMetadata, RestoredCache
 
-__all__ = ["Entry", "PrefixMatch", "VerifyReport", "CacheStore"]
+__all__ = ["Entry", "PrefixMatch", "VerifyReport", "CacheStore", "over_budget"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class VerifyReport:
     ok: list[str] = field(default_factory=list)
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (key or file, reason)
     removed_rows: list[str] = field(default_factory=list)  # index rows whose file was gone
+    reindexed: list[str] = field(default_factory=list)  # valid entries the index had lost, indexed again
 
 
 @runtime_checkable
@@ -85,3 +86,15 @@ class CacheStore(Protocol):
 
     def verify(self) -> VerifyReport:
         """Re-hash every entry against its recorded checksum; quarantine what fails."""
+
+
+def over_budget(entries: Sequence[Entry], max_bytes: int) -> list[Entry]:
+    """The entries ``gc(max_bytes)`` removes: least recently used first, until the rest fit in ``max_bytes``."""
+    out = []
+    total = sum(e.bytes for e in entries)
+    for entry in sorted(entries, key=lambda e: e.last_used):
+        if total <= max_bytes:
+            break
+        total -= entry.bytes
+        out.append(entry)
+    return out

@@ -6,13 +6,21 @@ Layout under the store folder::
     entries/<key>.safetensors
     quarantine/           files that failed a check, kept for inspection
 
+    settings.json         the block size, kept beside the index so a rebuilt index keeps it
+
 Files are named by content key, never by a user's name, so no name can reach a path.
 A new entry is written to a staging file first, outside any lock; the rename into
 place and the index row then happen under the index's write lock, in one
 transaction. So a crash leaves at worst a staging file (removed by ``verify`` once
-stale) or a complete file without a row (quarantined by ``verify``), never a row
-pointing to a missing or partial file. Every change to ``entries/`` (rename in,
-unlink, quarantine) happens under that lock, so processes never undo each other.
+stale) or a complete file without a row, never a row pointing to a missing or
+partial file. Every change to ``entries/`` (rename in, unlink, quarantine) happens
+under that lock, so processes never undo each other.
+
+A file describes itself, names included (they are written into its header when they
+change), so the index can always be rebuilt: a valid file without a row is indexed
+again from its header by ``verify``, and a lost or unreadable ``index.sqlite`` is
+rebuilt from the files when the store is next opened. Only files that fail their
+checks go to quarantine.
 """
 
 from __future__ import annotations
@@ -26,19 +34,32 @@ import sqlite3
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import torch
 from transformers import DynamicCache
 
-from cag.errors import CacheNotFoundError, CorruptCacheError, InvalidNameError, StoreError
+from cag.errors import CacheNotFoundError, CagError, CorruptCacheError, InvalidNameError, StoreError
 from cag.hashing import DEFAULT_BLOCK_SIZE, block_hashes, chain_seed, common_prefix_length, sequence_key
-from cag.kvcache import CacheMetadata, RestoredCache, fsync_dir, load_cache, read_token_ids, save_cache
+from cag.kvcache import (
+    CacheMetadata,
+    RestoredCache,
+    fsync_dir,
+    load_cache,
+    read_metadata,
+    read_token_ids,
+    save_cache,
+    write_names,
+)
 
-from .base import Entry, PrefixMatch, VerifyReport
+from .base import Entry, PrefixMatch, VerifyReport, over_budget
 
-__all__ = ["LocalStore", "validate_name"]
+__all__ = ["LocalStore", "open_file_store", "validate_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}")  # used with fullmatch: '$' would admit a trailing newline
 _KEY_PREFIX = re.compile(r"[0-9a-f]{6,40}")
@@ -87,6 +108,15 @@ def validate_name(name: str) -> str:
     return name
 
 
+def open_file_store(url: str, home: Path) -> "LocalStore":
+    """The ``file://`` backend: ``file:///path/to/store``; ``file://`` alone is the store under the cache home."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise StoreError(f"file store URL {url!r} names host {parts.netloc!r}: use file:///ABSOLUTE/PATH (three slashes)")
+    path = url2pathname(parts.path)
+    return LocalStore(Path(path) if path.strip("/") else Path(home) / "store")
+
+
 class LocalStore:
     """Caches on this machine's disk, indexed by chained block hashes in SQLite."""
 
@@ -94,19 +124,51 @@ class LocalStore:
         self.root = Path(root).expanduser()
         self.entries_dir = self.root / "entries"
         self.quarantine_dir = self.root / "quarantine"
+        self._undo: list[Callable[[], None]] = []
+        self._cleanup: list[Callable[[], None]] = []
         try:
             self.entries_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=60000")
+            fresh = self._open_index()
+            settings = self.root / "settings.json"
+            if fresh and settings.is_file():
+                block_size = int(json.loads(settings.read_text())["block_size"])  # the files' keys were made with it
             with self._write() as db:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)
                 db.execute("INSERT OR IGNORE INTO settings VALUES ('block_size', ?)", (str(block_size),))
             self.block_size = int(self._db.execute("SELECT value FROM settings WHERE key='block_size'").fetchone()[0])
-        except (OSError, sqlite3.Error) as exc:
+            if not settings.is_file():
+                _write_atomically(settings, json.dumps({"block_size": self.block_size}) + "\n")
+        except (OSError, sqlite3.Error, ValueError, KeyError) as exc:
             raise StoreError(f"cannot open the cache store at {self.root}: {exc}; set CAG_HOME to a writable folder") from exc
+        if fresh:
+            self._recover(VerifyReport())
+
+    def _open_index(self) -> bool:
+        """Connect to the index, creating it, or rebuilding it if unreadable; True if it starts empty."""
+        path = self.root / "index.sqlite"
+        fresh = not path.exists()
+        try:
+            self._connect(path)
+            if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            self._db.close()
+            for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if part.exists():
+                    self._move_to_quarantine(part)  # kept for inspection; the files hold all it held
+            self._connect(path)
+            fresh = True
+        return fresh
+
+    def _connect(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=60000")
+        with self._write() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
 
     def close(self) -> None:
         self._db.close()
@@ -120,47 +182,80 @@ class LocalStore:
         seed = chain_seed(metadata.fingerprint, metadata.kv_dtype, self.block_size)
         key = sequence_key(ids, seed, self.block_size)
         if not self._complete(key):
-            self._write_entry(key, cache, ids, seed, metadata)
+            self._write_entry(key, cache, ids, replace(metadata, names=(name,) if name else ()))
         if name is not None:
             self.label(name, key)
         return self.resolve(key)
 
-    def _write_entry(self, key: str, cache: DynamicCache, ids: list[int], seed: bytes, metadata: CacheMetadata) -> None:
+    def _write_entry(self, key: str, cache: DynamicCache, ids: list[int], metadata: CacheMetadata) -> None:
         """Write the file outside the lock (it can take seconds), then publish it under the lock.
 
         Two processes building the same key both write a staging file; the first to take
         the lock renames its file into place and adds the row, the second finds the entry
         complete and throws its copy away. The lock is held for a rename and an insert only.
         """
-        staging = self.entries_dir / f".{key}.{uuid.uuid4().hex[:12]}.staging.tmp"
+        staging = self.staging_path(key)
         try:
             size = save_cache(staging, cache, ids, metadata)
-            checksum = _file_sha256(staging)
-            with self._write() as db:
-                if self._complete(key):
-                    return
-                final = self._path(key)
-                os.replace(staging, final)
-                self._undo.append(lambda: final.unlink(missing_ok=True))
-                fsync_dir(self.entries_dir)
-                now = time.time()
-                db.execute(
-                    "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,0) ON CONFLICT(key) DO UPDATE SET "
-                    "bytes=excluded.bytes, sha256=excluded.sha256, created=excluded.created, last_used=excluded.last_used",
-                    (key, metadata.model_name, metadata.fingerprint, metadata.kv_dtype, metadata.tokens,
-                     metadata.tokens, size, checksum, json.dumps(list(metadata.sources)), now, now),
-                )
-                hashes = block_hashes(ids, seed, self.block_size)
-                db.executemany("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", [(h, key, i) for i, h in enumerate(hashes)])
+            self._publish(key, staging, metadata, ids, size, _file_sha256(staging))
         finally:
             staging.unlink(missing_ok=True)
+
+    def staging_path(self, key: str) -> Path:
+        """A fresh path in the store's folder for writing a cache file that ``adopt`` then publishes."""
+        self._path(key)  # a key only
+        return self.entries_dir / f".{key}.{uuid.uuid4().hex[:12]}.staging.tmp"
+
+    def adopt(self, staging: str | os.PathLike, key: str | None = None) -> Entry:
+        """Publish a complete cache file written at ``staging_path(key)`` (by another store, say).
+
+        The file is checked in full first (header, every block checksum, token ids) and
+        must hold ``key``'s content; CorruptCacheError otherwise. The staging file is gone afterwards.
+        """
+        staging = Path(staging)
+        try:
+            metadata, ids, size, checksum = _check_file(staging)
+            found = sequence_key(ids, chain_seed(metadata.fingerprint, metadata.kv_dtype, self.block_size), self.block_size)
+            if key is not None and found != key:
+                raise CorruptCacheError(f"{staging}: holds cache {found[:12]}, not {key[:12]}")
+            self._publish(found, staging, metadata, ids, size, checksum)
+            return self.resolve(found)
+        finally:
+            staging.unlink(missing_ok=True)
+
+    def _publish(self, key: str, staging: Path, metadata: CacheMetadata, ids: list[int], size: int, checksum: str) -> None:
+        """Rename a staged file into place and index it, in one locked step (unless the key is complete already)."""
+        with self._write() as db:
+            if self._complete(key):
+                return
+            final = self._path(key)
+            os.replace(staging, final)
+            self._undo.append(lambda: final.unlink(missing_ok=True))
+            fsync_dir(self.entries_dir)
+            now = time.time()
+            self._insert_row(db, key, metadata, ids, size, checksum, now, now)
+
+    def _insert_row(self, db: sqlite3.Connection, key: str, metadata: CacheMetadata, ids: list[int], size: int,
+                    checksum: str, created: float, last_used: float) -> None:
+        db.execute(
+            "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,0) ON CONFLICT(key) DO UPDATE SET "
+            "bytes=excluded.bytes, sha256=excluded.sha256, created=excluded.created, last_used=excluded.last_used",
+            (key, metadata.model_name, metadata.fingerprint, metadata.kv_dtype, metadata.tokens,
+             metadata.tokens, size, checksum, json.dumps(list(metadata.sources)), created, last_used),
+        )
+        hashes = block_hashes(ids, chain_seed(metadata.fingerprint, metadata.kv_dtype, self.block_size), self.block_size)
+        db.executemany("INSERT OR IGNORE INTO blocks VALUES (?,?,?)", [(h, key, i) for i, h in enumerate(hashes)])
 
     def label(self, name: str, key: str) -> None:
         validate_name(name)
         with self._write() as db:
             if self._row(key) is None:
                 raise CacheNotFoundError(f"no cache with key {key!r} in {self.root}: list caches with `cag ls`")
+            before = db.execute("SELECT key FROM names WHERE name=?", (name,)).fetchone()
             db.execute("INSERT OR REPLACE INTO names VALUES (?,?,?)", (name, key, time.time()))
+            self._write_header_names(db, key)
+            if before is not None and before[0] != key:
+                self._write_header_names(db, before[0])
 
     def remove(self, name_or_key: str) -> list[Entry]:
         entry = self.resolve(name_or_key)
@@ -168,6 +263,7 @@ class LocalStore:
             if name_or_key in entry.names:
                 db.execute("DELETE FROM names WHERE name=?", (name_or_key,))
                 if db.execute("SELECT 1 FROM names WHERE key=? LIMIT 1", (entry.key,)).fetchone():
+                    self._write_header_names(db, entry.key)
                     return []  # other names still point to the entry
             if not self._delete_entry(entry.key):
                 return []  # another process removed it meanwhile
@@ -175,16 +271,10 @@ class LocalStore:
 
     def gc(self, max_bytes: int) -> list[Entry]:
         removed = []
-        entries = sorted(self.entries(), key=lambda e: e.last_used)
-        total = sum(e.bytes for e in entries)
-        for entry in entries:
-            if total <= max_bytes:
-                break
+        for entry in over_budget(self.entries(), max_bytes):
             with self._write():
-                deleted = self._delete_entry(entry.key)
-            total -= entry.bytes
-            if deleted:
-                removed.append(entry)
+                if self._delete_entry(entry.key):
+                    removed.append(entry)
         return removed
 
     # ------------------------------------------------------------------- reads
@@ -213,7 +303,7 @@ class LocalStore:
     def restore(self, entry: Entry, tokens: int | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> RestoredCache:
         def read(path: Path) -> RestoredCache:
             restored = load_cache(path, tokens, device=device, dtype=dtype)
-            _check_matches_entry(restored.metadata, entry, path)
+            check_matches_entry(restored.metadata, entry, path)
             return restored
 
         restored = self._guarded(entry, read)
@@ -302,8 +392,7 @@ class LocalStore:
                     report.quarantined.append((entry.key, "checksum mismatch"))
             else:
                 report.ok.append(entry.key)
-        # Files without a row: looked for under the lock, because a build publishes its
-        # file and its row in one locked step; outside it, a file could be caught between the two.
+        self._recover(report)  # cache files without a row: indexed again from their headers, if they pass
         with self._write():
             for path in sorted(self.entries_dir.iterdir()):
                 if path.name.startswith(".") and path.name.endswith(".tmp"):
@@ -311,10 +400,74 @@ class LocalStore:
                     if seen is not None and time.time() - seen[2] / 1e9 > _STALE_TEMP_SECONDS:
                         path.unlink(missing_ok=True)  # left by a build that died; a live one writes fresh files
                     continue
-                if path.suffix != ".safetensors" or self._row(path.stem) is None:
+                if path.suffix != ".safetensors" or not _KEY.fullmatch(path.stem):
                     self._move_to_quarantine(path)
-                    report.quarantined.append((path.name, "file without an index entry"))
+                    report.quarantined.append((path.name, "not a cache file"))
         return report
+
+    def _recover(self, report: VerifyReport) -> None:
+        """Index every cache file the index lacks, from the file itself; quarantine those failing their checks.
+
+        Looked for under the lock (a build publishes its file and its row in one locked
+        step, so outside it a file could be caught between the two), checked without it
+        (that reads every byte), and indexed under it again if the file is still the one
+        checked and still lacks a row. Of two files claiming a name, the newer keeps it.
+        """
+        with self._write():
+            orphans = [(p, _file_id(p)) for p in sorted(self.entries_dir.glob("*.safetensors"))
+                       if _KEY.fullmatch(p.stem) and self._row(p.stem) is None]
+        checked = []
+        for path, seen in orphans:
+            try:
+                metadata, ids, size, checksum = _check_file(path)
+            except CorruptCacheError as exc:
+                checked.append((path, seen, None, str(exc).removeprefix(f"{path}: ")))
+                continue
+            except CagError:
+                continue  # gone meanwhile, or unreadable: left as it is
+            key = sequence_key(ids, chain_seed(metadata.fingerprint, metadata.kv_dtype, self.block_size), self.block_size)
+            found = (metadata, ids, size, checksum) if key == path.stem else None
+            checked.append((path, seen, found, None if found else "file name does not match its content"))
+        with self._write() as db:
+            for path, seen, found, reason in sorted(checked, key=lambda item: item[1][2] if item[1] else 0):
+                if self._row(path.stem) is not None or _file_id(path) != seen:
+                    continue  # indexed or replaced meanwhile
+                if found is None:
+                    self._move_to_quarantine(path)
+                    report.quarantined.append((path.name, reason))
+                    continue
+                metadata, ids, size, checksum = found
+                mtime = seen[2] / 1e9
+                self._insert_row(db, path.stem, metadata, ids, size, checksum, _timestamp(metadata.created, mtime), mtime)
+                for name in metadata.names:
+                    held = db.execute("SELECT created FROM names WHERE name=?", (name,)).fetchone()
+                    if _NAME.fullmatch(name) and ".." not in name and (held is None or held[0] < mtime):
+                        db.execute("INSERT OR REPLACE INTO names VALUES (?,?,?)", (name, path.stem, mtime))
+                report.reindexed.append(path.stem)
+
+    def _write_header_names(self, db: sqlite3.Connection, key: str) -> None:
+        """Put the entry's names, as the index has them, into its file's header (a copy renamed over it); call under the lock."""
+        path = self._path(key)
+        names = tuple(r[0] for r in db.execute("SELECT name FROM names WHERE key=? ORDER BY name", (key,)))
+        try:
+            if read_metadata(path).names == names:
+                return
+        except CagError:
+            return  # a lost or damaged file: reads and verify deal with it
+        staging = self.staging_path(key)
+        previous = self.entries_dir / f".{key}.{uuid.uuid4().hex[:12]}.previous.tmp"
+        try:
+            size = write_names(path, staging, names)
+            checksum = _file_sha256(staging)
+            os.link(path, previous)  # so a failed commit can put the file back as the index knows it
+            self._cleanup.append(lambda: previous.unlink(missing_ok=True))
+            os.replace(staging, path)
+            self._undo.append(lambda: os.replace(previous, path))
+            db.execute("UPDATE entries SET bytes=?, sha256=? WHERE key=?", (size, checksum, key))
+        except OSError as exc:
+            raise StoreError(f"cannot write the names of cache {key[:12]} into {path}: {exc.strerror or exc}") from exc
+        finally:
+            staging.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- internal
 
@@ -399,7 +552,7 @@ class LocalStore:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the store index in {self.root}: {exc}") from exc
-        self._undo: list[Callable[[], None]] = []
+        self._undo, self._cleanup = [], []
         try:
             yield self._db
             self._db.execute("COMMIT")
@@ -412,14 +565,37 @@ class LocalStore:
                 raise StoreError(f"cannot write the store index in {self.root}: {exc}") from exc
             raise
         finally:
-            self._undo = []
+            for cleanup in self._cleanup:
+                cleanup()
+            self._undo, self._cleanup = [], []
 
 
-def _check_matches_entry(meta: CacheMetadata, entry: Entry, path: Path) -> None:
-    """The file's own header must agree with its index row (the header has no checksum of its own)."""
+def _check_file(path: Path) -> tuple[CacheMetadata, list[int], int, str]:
+    """A cache file checked in full (header, every block checksum, token ids): its metadata, ids, size, sha256."""
+    restored = load_cache(path)
+    ids = read_token_ids(path)
+    del restored
+    return read_metadata(path), ids, path.stat().st_size, _file_sha256(path)
+
+
+def check_matches_entry(meta: CacheMetadata, entry: Entry, where: object) -> None:
+    """A file's own header must agree with its index entry (the header has no checksum of its own)."""
     for field_name in ("fingerprint", "kv_dtype", "tokens"):
         if getattr(meta, field_name) != getattr(entry, field_name):
-            raise CorruptCacheError(f"{path}: header {field_name} does not match the store index")
+            raise CorruptCacheError(f"{where}: header {field_name} does not match the store index")
+
+
+def _timestamp(iso: str, default: float) -> float:
+    try:
+        return datetime.fromisoformat(iso).timestamp() if iso else default
+    except ValueError:
+        return default
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _file_id(path: Path) -> tuple[int, int, int] | None:

@@ -95,6 +95,35 @@ def docs(tmp_path) -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.pop("CAG_STORE", None)  # a developer's shared store must not receive the tests' caches
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the session; tests keep apart by key prefix (see ``redis_url``)."""
+    from redis_servers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """A URL of the session's Redis with a prefix of this test's own."""
+    import uuid
+
+    return f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A three-node Redis Cluster on loopback ports."""
+    from redis_servers import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
 
 
 def save_tiny_model(folder: Path, seed: int = 0, **kwargs) -> Path:

@@ -53,6 +53,10 @@ def _assert_sane(row: dict, requested: int, kv_per_token: int) -> None:
     assert row["raw_read_cold_mb_s"] is None or row["raw_read_cold_mb_s"] > 0
     # On disk: the KV tensors, one int64 token id per token, and a header of a few hundred bytes.
     assert row["kv_bytes_per_token"] == kv_per_token
+    # A step reads the KV of the context and every weight; the rate is that times the steps per second.
+    assert row["decode_bytes_per_step"] > kv_per_token * row["context_tokens"]
+    assert row["decode_gb_s"] == pytest.approx(row["decode_bytes_per_step"] * row["decode_tok_s"] / 1e9, rel=1e-3)
+    assert row["memory_gb_s"] > 0 and row["decode_bandwidth_share"] == pytest.approx(row["decode_gb_s"] / row["memory_gb_s"], rel=1e-3)
     assert kv_per_token + 8 < row["bytes_per_token"] < kv_per_token + 8 + 4096 / row["context_tokens"] * 4
     assert row["cache_bytes"] == pytest.approx(row["bytes_per_token"] * row["context_tokens"])
 
@@ -267,3 +271,14 @@ def test_cli_refuses_a_peer_it_cannot_run(tiny_dir, home, docs):
     assert result.exit_code == 1 and "embedded model's GGUF" in result.output
     assert "Traceback" not in result.output
     assert open_store(home).entries() == []  # refused before any cache was built
+
+
+def test_weight_bytes_count_the_head_and_not_an_untied_input_embedding(tiny):
+    from cag.measure.bench import weight_bytes_per_step
+
+    model = tiny.model
+    everything = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
+    expected = everything if tied else everything - embedding.numel() * embedding.element_size()
+    assert weight_bytes_per_step(model) == expected

@@ -258,14 +258,16 @@ def test_lookup_skips_a_row_without_file(store, two):
     assert [e.key for e in store.entries()] == [keep.key]
 
 
-def test_file_without_index_row(store, two):
+def test_files_without_index_row_that_are_not_their_key_go_to_quarantine(store, two):
+    """A valid cache file under another key's name, and a stray non-cache file: neither can be indexed."""
     keep, victim = two
     stray = store.root / "entries" / ("ab" * 20 + ".safetensors")
     stray.write_bytes(file_of(store, victim).read_bytes())
     junk = store.root / "entries" / "notes.txt"
     junk.write_text("not a cache")
     report = store.verify()
-    assert sorted(report.quarantined) == sorted([(junk.name, "file without an index entry"), (stray.name, "file without an index entry")])
+    assert sorted(report.quarantined) == sorted([(junk.name, "not a cache file"), (stray.name, "file name does not match its content")])
+    assert report.reindexed == []
     assert sorted(report.ok) == sorted([keep.key, victim.key])
     assert not stray.exists() and not junk.exists() and len(quarantined(store)) == 2
     assert_still_usable(store, keep)

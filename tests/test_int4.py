@@ -113,3 +113,24 @@ def test_q4_needs_gguf_weights(tmp_path, tiny_dir):
     writer.close()
     with pytest.raises(ModelError, match="no Q4_1"):
         use_gguf_int4(make_tiny_model(seed=3).model, empty)
+
+
+@pytest.mark.integration
+def test_the_default_model_computes_with_its_gguf_blocks(real_home):
+    from cag.home import models_dir
+    from cag.model import load_model
+    from cag.prefill import prefill
+
+    q4 = load_model(home=real_home)
+    assert q4.quantize == "q4" and q4.name.endswith(":q4")
+    assert sum(isinstance(m, Int4Linear) for m in q4.model.modules()) == 7 * q4.num_layers
+    packs = list((models_dir(real_home) / "int4").glob("*.int4.safetensors"))
+    assert len(packs) == 1  # packed once, then read back
+    again = load_model(home=real_home)
+    assert again.fingerprint == q4.fingerprint
+    dense = load_model(home=real_home, quantize="none")
+    assert dense.quantize is None and dense.fingerprint != q4.fingerprint
+    ids = list(q4.tokenizer("The refund policy allows returns within", add_special_tokens=False)["input_ids"])
+    logits = [prefill(lm, ids).last_logits for lm in (q4, again, dense)]
+    assert torch.equal(logits[0], logits[1])  # packs read back compute exactly what fresh packing does
+    assert logits[0].argmax() == logits[2].argmax()  # the same model: bfloat16 rounding, not other weights

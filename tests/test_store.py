@@ -1,4 +1,5 @@
-"""The local prefix-hash store: lookup, truncated restore, names, LRU gc, checksums."""
+"""The store protocol's suite, run on every backend (local disk and Redis): lookup, truncated restore,
+names, LRU gc, checksums; and what only the local store has (its SQLite index, its files)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from cag.prefill import prefill
 from cag.stores import CacheStore, Entry, LocalStore, PrefixMatch, validate_name
 
 BLOCK = 16
+BACKENDS = ["local", "redis"]
 
 
 # ------------------------------------------------------------------- helpers
@@ -63,8 +65,28 @@ def rchar() -> int | None:
     return None
 
 
+def open_backend(kind: str, request, folder: Path, block_size: int = 4):
+    """A fresh, empty store of one backend: a local store in ``folder``, or a Redis store under a prefix of its own
+    (its local copy off, so every read goes to Redis)."""
+    if kind == "local":
+        return LocalStore(folder / "store", block_size=block_size)
+    import uuid
+
+    from cag.stores import RedisStore
+
+    server = request.getfixturevalue("redis_server")
+    return RedisStore.from_url(f"{server.url}?prefix=t{uuid.uuid4().hex[:12]}:", block_size=block_size, local_copy=False)
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request, tmp_path):
+    s = open_backend(request.param, request, tmp_path)
+    yield s
+    s.close()
+
+
 @pytest.fixture
-def store(tmp_path):
+def local_store(tmp_path):
     s = LocalStore(tmp_path / "store", block_size=4)
     yield s
     s.close()
@@ -73,10 +95,10 @@ def store(tmp_path):
 # ---------------------------------------------------- lookup on the tiny model
 
 
-@pytest.fixture(scope="module")
-def stored_entry(tiny, tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def stored_entry(tiny, tmp_path_factory, request):
     """An 80-token entry (5 blocks of 16) of the tiny model, and the store it lives in."""
-    store = LocalStore(tmp_path_factory.mktemp("lookup") / "store", block_size=BLOCK)
+    store = open_backend(request.param, request, tmp_path_factory.mktemp("lookup"), block_size=BLOCK)
     ids = random_ids(tiny, 80, seed=1)
     entry = store.put(prefill(tiny, ids).cache, ids, tiny_meta(tiny, len(ids)), name="entry")
     return store, entry, ids
@@ -174,7 +196,8 @@ def test_many_entries_sharing_the_deepest_block_still_find_the_best(store):
     assert match is not None and match.entry.key == best.key and match.tokens == 11
 
 
-def test_lookup_is_a_few_queries_even_for_a_long_prompt(store):
+def test_lookup_is_a_few_queries_even_for_a_long_prompt(local_store):
+    store = local_store
     entry = put_fake(store, list(range(50)))
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)
@@ -186,9 +209,10 @@ def test_lookup_is_a_few_queries_even_for_a_long_prompt(store):
     assert len(statements) <= 20
 
 
-def test_lookup_of_a_very_long_prompt(tmp_path):
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_lookup_of_a_very_long_prompt(tmp_path, request, kind):
     """More blocks than SQLite takes parameters in one statement (32766)."""
-    store = LocalStore(tmp_path / "s", block_size=1)
+    store = open_backend(kind, request, tmp_path, block_size=1)
     entry = put_fake(store, list(range(10)))
     prompt = list(range(10)) + [7] * 40_000
     match = store.longest_prefix(prompt, "f" * 64, "float32")
@@ -209,7 +233,8 @@ def test_a_hand_made_entry_cannot_point_outside_the_store(store, tmp_path):
     assert outside.read_bytes() == b"keep me"
 
 
-def test_lookup_uses_the_index_not_the_files(store, monkeypatch):
+def test_lookup_uses_the_index_not_the_files(local_store, monkeypatch):
+    store = local_store
     """Entries that share no block are never opened: the index answers."""
     import cag.stores.local as local
 
@@ -223,7 +248,8 @@ def test_lookup_uses_the_index_not_the_files(store, monkeypatch):
     assert store.longest_prefix([42] * 8, "f" * 64, "float32") is None and len(opened) == 1
 
 
-def test_block_hashes_are_indexed(store):
+def test_block_hashes_are_indexed(local_store):
+    store = local_store
     entry = put_fake(store, list(range(10)))
     assert entry.blocks == 2
     db = sqlite3.connect(store.root / "index.sqlite")
@@ -242,8 +268,9 @@ def test_block_hashes_are_indexed(store):
     stored=st.lists(st.lists(st.integers(0, 2), min_size=0, max_size=14), min_size=1, max_size=6),
     prompt=st.lists(st.integers(0, 2), max_size=16),
 )
-def test_lookup_matches_a_brute_force_oracle(tmp_path_factory, stored, prompt):
-    store = LocalStore(tmp_path_factory.mktemp("prop") / "store", block_size=4)
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_lookup_matches_a_brute_force_oracle(tmp_path_factory, request, kind, stored, prompt):
+    store = open_backend(kind, request, tmp_path_factory.mktemp("prop"))
     try:
         for i, ids in enumerate(stored):
             if ids:
@@ -270,10 +297,10 @@ def _naive_prefix(a, b) -> int:
 # ----------------------------------------------------------- truncated restore
 
 
-@pytest.fixture(scope="module")
-def long_entry(tiny, tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def long_entry(tiny, tmp_path_factory, request):
     """A 700-token entry (three CRC blocks of 256) of the tiny model."""
-    store = LocalStore(tmp_path_factory.mktemp("trunc") / "store")
+    store = open_backend(request.param, request, tmp_path_factory.mktemp("trunc"), block_size=256)
     ids = random_ids(tiny, 700, seed=2)
     cache = prefill(tiny, ids).cache
     entry = store.put(cache, ids, tiny_meta(tiny, len(ids)))
@@ -293,15 +320,16 @@ def test_truncated_restore_returns_exactly_n_tokens(long_entry, n):
 
 def test_truncated_restore_reads_only_what_the_prefix_needs(long_entry):
     store, entry, ids, _ = long_entry
-    size = (store.root / "entries" / f"{entry.key}.safetensors").stat().st_size
-    assert entry.bytes == size
+    size = entry.bytes  # the cache file's size, whichever store holds it
+    if isinstance(store, LocalStore):
+        assert size == (store.root / "entries" / f"{entry.key}.safetensors").stat().st_size
     before = rchar()
     part = store.restore(entry, 100)
     after = rchar()
     whole = store.restore(entry)
     assert whole.bytes_read <= size and whole.cache.get_seq_length() == 700
     assert part.bytes_read < size / 2  # 100 tokens round up to one 256-token checked block of three
-    if before is not None:
+    if before is not None and isinstance(store, LocalStore):
         assert after - before < size / 2
     reads = [store.restore(entry, n).bytes_read for n in (1, 256, 257, 512, 700)]
     assert reads == sorted(reads) and reads[0] == reads[1] < reads[2]
@@ -332,7 +360,8 @@ def test_restore_converts_dtype(long_entry):
 # -------------------------------------------------------- entries and names
 
 
-def test_put_records_entry_and_checksum(store):
+def test_put_records_entry_and_checksum(local_store):
+    store = local_store
     ids = list(range(10))
     entry = put_fake(store, ids, name="ten")
     path = store.root / "entries" / f"{entry.key}.safetensors"
@@ -351,7 +380,9 @@ def test_same_content_is_stored_once_and_names_share_it(store):
     a = put_fake(store, ids, name="alpha")
     b = put_fake(store, ids, name="beta", seed=5)  # same tokens, same key: not written again
     assert a.key == b.key and b.names == ("alpha", "beta")
-    assert len(store.entries()) == 1 and len(list((store.root / "entries").iterdir())) == 1
+    assert len(store.entries()) == 1
+    if isinstance(store, LocalStore):
+        assert len(list((store.root / "entries").iterdir())) == 1
     assert store.resolve("alpha") == store.resolve("beta") == store.resolve(a.key[:8])
 
     assert store.remove("alpha") == []  # beta still points to it
@@ -360,7 +391,9 @@ def test_same_content_is_stored_once_and_names_share_it(store):
         store.resolve("alpha")
     removed = store.remove("beta")
     assert [e.key for e in removed] == [a.key]
-    assert store.entries() == [] and list((store.root / "entries").iterdir()) == []
+    assert store.entries() == []
+    if isinstance(store, LocalStore):
+        assert list((store.root / "entries").iterdir()) == []
 
 
 def test_label_moves_a_name_and_remove_by_key_drops_all_names(store):
@@ -405,7 +438,8 @@ def test_names_that_could_escape_or_confuse_are_refused(store, name):
         store.label(name, entry.key)
     with pytest.raises((InvalidNameError, CacheNotFoundError)):
         store.resolve(name)
-    assert [p.name for p in store.root.iterdir()] and not (store.root.parent / "x").exists()
+    if isinstance(store, LocalStore):
+        assert [p.name for p in store.root.iterdir()] and not (store.root.parent / "x").exists()
     assert all(e.names == () for e in store.entries())
 
 
@@ -432,7 +466,8 @@ def test_gc_removes_least_recently_used_first(store):
     removed = store.gc(size + size // 2)  # room for one
     assert [e.names for e in removed] == [("e1",), ("e2",)]
     assert [e.names for e in store.entries()] == [("e0",)]
-    assert sorted(p.stem for p in (store.root / "entries").iterdir()) == [entries[0].key]
+    if isinstance(store, LocalStore):
+        assert sorted(p.stem for p in (store.root / "entries").iterdir()) == [entries[0].key]
     assert [e.key for e in store.gc(0)] == [entries[0].key] and store.entries() == []
 
 
@@ -446,14 +481,14 @@ def test_block_size_is_fixed_when_the_store_is_created(tmp_path):
     assert LocalStore(tmp_path / "other").block_size == 256
 
 
-def test_local_store_implements_the_protocol(store):
+def test_store_implements_the_protocol(store):
     assert isinstance(store, CacheStore)
 
 
 class ProtocolOnly:
-    """A store exposing only the CacheStore methods, as a shared backend would."""
+    """A store exposing only the CacheStore methods."""
 
-    def __init__(self, inner: LocalStore) -> None:
+    def __init__(self, inner) -> None:
         self._inner = inner
         self.block_size = inner.block_size
         self.calls: list[str] = []
@@ -477,8 +512,9 @@ class ProtocolOnly:
     def verify(self, *a, **k): return self._call("verify", *a, **k)  # noqa: E704
 
 
-def test_cag_needs_nothing_beyond_the_protocol(tiny, docs, tmp_path):
-    store = ProtocolOnly(LocalStore(tmp_path / "store", block_size=BLOCK))
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_cag_needs_nothing_beyond_the_protocol(tiny, docs, tmp_path, request, kind):
+    store = ProtocolOnly(open_backend(kind, request, tmp_path, block_size=BLOCK))
     assert isinstance(store, CacheStore)
     first = cag.build([docs / "refunds.md", docs / "travel.md"], name="two", model=tiny, store=store)
     both = cag.build([docs / "refunds.md", docs / "travel.md", docs / "badges.txt"], name="three", model=tiny, store=store)

@@ -52,6 +52,7 @@ from ..errors import BenchError
 from ..knowledge import KnowledgeBase, load, open_store, store_context
 from ..kvcache import check_kv_dtype
 from ..model import DEFAULT_MODEL, EMBEDDED_NAME, LoadedModel
+from ..generate import generate
 from ..prefill import prefill
 from ..prompt import PromptBuilder
 from .peers.llamacpp import LlamaCppPeer, llama_cpp_module
@@ -98,6 +99,14 @@ class BenchRow:
     per_question_restore_s: float
     new_tokens: float  # mean new tokens per answer (an answer ends at max_new_tokens or the end-of-turn token)
     decode_tok_s: float  # tokens after each answer's first / the seconds they took, summed over the questions
+    # What a decode step must read: every weight it multiplies by (the input embedding only
+    # where it is also the output head) and the KV of the context; at decode_tok_s steps a
+    # second that is decode_gb_s, a share decode_bandwidth_share of memory_gb_s, this machine's
+    # copy bandwidth at the same threads (measured once per run).
+    decode_bytes_per_step: int
+    decode_gb_s: float
+    memory_gb_s: float
+    decode_bandwidth_share: float
     questions: int
     max_new_tokens: int
     prefill_tok_s: float  # prompt tokens / ttft_full_s
@@ -112,8 +121,10 @@ class BenchRow:
     raw_read_cold_mb_s: float | None  # the same read with the file's pages dropped first: the disk's floor
     cold_dropped: bool  # whether the file's pages were really out of the page cache for the cold runs
     kv_dtype: str  # how the cache is stored
-    # Share of the per-question answers (from the stored cache) token-identical to the answers from
-    # the cache as prefilled, in the model's dtype; None when the cache is stored in that dtype.
+    # Share of the per-question answers (from the stored cache) token-identical to the answers of
+    # full precision: the reference model's (run_bench's ``reference``, e.g. the float32 weights of
+    # a q4 model) when given, else the cache as prefilled in the model's dtype; None when neither
+    # the weights nor the stored cache differ from full precision.
     identical_to_full_precision: float | None
     batch_size: int
     one_by_one_s: float  # all the questions asked one by one, cache in memory (median of the repeats)
@@ -326,6 +337,7 @@ def run_bench(
     kv_dtype: str | None = None,
     batch_size: int = 8,
     peer: str | None = None,
+    reference: LoadedModel | None = None,
     on_progress: BenchProgress | None = None,
 ) -> list[BenchRow]:
     """Measure every mode at every context length (clipped to the model's window); one row per length.
@@ -333,7 +345,9 @@ def run_bench(
     Caches are stored as ``bench-<tokens>`` in the store (``home``'s local store by
     default), in ``kv_dtype`` (default: the model's dtype), so the numbers describe the
     same files ``cag ask`` would read. ``peer="llamacpp"`` times llama.cpp on the same
-    questions (it needs ``llama-cpp-python`` and the default model).
+    questions (it needs ``llama-cpp-python`` and the default model). ``reference``, the
+    full-precision model of a quantized ``lm``, answers the same questions from its own
+    prefill, for the share of answers that quantization leaves unchanged.
     """
     questions = checked_questions(bundled_questions() if questions is None else questions)
     documents = list(documents) if documents else bundled_corpus()
@@ -358,6 +372,7 @@ def run_bench(
             on_progress(what, done, total)
         done += 1
 
+    bandwidth = memory_bandwidth()
     rows = []
     for tokens in targets:
         step(f"{tokens} tokens: cutting the documents")
@@ -379,16 +394,21 @@ def run_bench(
         step(f"{tokens} tokens: starting {peer}" if peer else f"{tokens} tokens: per question")
         step_here = lambda what: step(f"{tokens} tokens: {what}")  # noqa: E731
         alone = _per_question(target, questions, max_new_tokens, peer, ids, step_here)
-        reference = None
-        if prefilled is kb.cache:
+        if reference is not None:
+            step(f"{tokens} tokens: reference answers from {reference.name}")
+            ref_cache = prefill(reference, ids).cache
+            reference_answers = [generate(reference, ref_cache, builder.question_ids(q), max_new_tokens=max_new_tokens)
+                                 for q in questions]
+        elif prefilled is kb.cache:
+            reference_answers = None
             step(f"{tokens} tokens: stored as prefilled, no reference answers needed")
         else:
             step(f"{tokens} tokens: reference answers from the cache as prefilled ({lm.dtype})")
             ref = KnowledgeBase(lm, store, kb.entry, cache=prefilled, context_ids=ids)
-            reference = [ref.ask(q, max_new_tokens=max_new_tokens) for q in questions]
+            reference_answers = [ref.ask(q, max_new_tokens=max_new_tokens) for q in questions]
         batched = _batched(kb, questions, batch_size, max_new_tokens, repeats, step_here)
-        rows.append(_row(lm, kb, ids, tokens, path, times, (raw_warm, raw_cold), target, alone, reference, batch_size,
-                         batched, max_new_tokens, repeats))
+        rows.append(_row(lm, kb, ids, tokens, path, times, (raw_warm, raw_cold), target, alone, reference_answers, batch_size,
+                         batched, max_new_tokens, repeats, bandwidth))
     if on_progress is not None:
         on_progress("done", total, total)
     return rows
@@ -505,7 +525,8 @@ def _build_cache(lm: LoadedModel, store, ids: list[int], name: str, kv_dtype: st
 
 
 def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float]], target: _Target, alone: _Alone,
-         reference, batch_size: int, batched: tuple[float, float, float], max_new_tokens, repeats) -> BenchRow:
+         reference, batch_size: int, batched: tuple[float, float, float], max_new_tokens, repeats,
+         memory_gb_s: float) -> BenchRow:
     size = path.stat().st_size if path is not None else kb.entry.bytes
     kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in
                    ((layer.keys, layer.values) for layer in kb.cache.layers))
@@ -514,6 +535,8 @@ def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float
     restore_cold = _median(target.restore_cold)
     mean = statistics.fmean
     has_peer = bool(alone.peer_answers)
+    decode_tok_s = _decode_rate([a.new_tokens for a in alone.answers], alone.decode_s)
+    step_bytes = weight_bytes_per_step(lm.model) + kv_bytes
     return BenchRow(
         requested_tokens=requested,
         context_tokens=len(ids),
@@ -525,7 +548,11 @@ def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float
         per_question_ttft_s=mean(alone.ttft),
         per_question_restore_s=mean(alone.restore),
         new_tokens=mean(a.new_tokens for a in alone.answers),
-        decode_tok_s=_decode_rate([a.new_tokens for a in alone.answers], alone.decode_s),
+        decode_tok_s=decode_tok_s,
+        decode_bytes_per_step=step_bytes,
+        decode_gb_s=step_bytes * decode_tok_s / 1e9,
+        memory_gb_s=memory_gb_s,
+        decode_bandwidth_share=step_bytes * decode_tok_s / 1e9 / memory_gb_s,
         questions=len(alone.answers),
         max_new_tokens=max_new_tokens,
         prefill_tok_s=prompt_tokens / times["ttft_full_s"],
@@ -557,6 +584,33 @@ def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float
         device=str(lm.device),
         threads=torch.get_num_threads(),
     )
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of the weights one decode step reads: every parameter and buffer once, except an
+    input embedding that is not also the output head (a step reads one row of it)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() in seen or (tensor.data_ptr() == embedding.data_ptr() and not tied):
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """GB/s of a large tensor copy at torch's thread count, counting the bytes read and written (best run)."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
 
 
 # ------------------------------------------------------------------- report
