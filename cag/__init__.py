@@ -15,11 +15,13 @@ from .errors import (
     CacheMismatchError,
     CacheNotFoundError,
     CagError,
+    CompositionError,
     ContextTooLongError,
     CorruptCacheError,
     DocumentError,
     InvalidNameError,
     ModelError,
+    PassageError,
     PromptError,
     StoreError,
 )
@@ -40,12 +42,17 @@ _LAZY = {
     "wrap_model": "model",
     "CachedGeneration": "prompt_cache",
     "PromptCache": "prompt_cache",
+    "ComposedAnswer": "passages",
+    "PassageCollection": "passages",
+    "build_passages": "passages",
+    "load_passages": "passages",
 }
 
 if TYPE_CHECKING:
     from .documents import Document, load_documents
     from .knowledge import Answer, BuildReport, KnowledgeBase, build, load
     from .model import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+    from .passages import ComposedAnswer, PassageCollection, build_passages, load_passages
     from .prompt_cache import CachedGeneration, PromptCache
 
 
@@ -71,6 +78,10 @@ __all__ = [
     "BuildReport",
     "PromptCache",
     "CachedGeneration",
+    "build_passages",
+    "load_passages",
+    "PassageCollection",
+    "ComposedAnswer",
     "load_model",
     "wrap_model",
     "LoadedModel",
@@ -87,4 +98,6 @@ __all__ = [
     "CorruptCacheError",
     "StoreError",
     "InvalidNameError",
+    "CompositionError",
+    "PassageError",
 ]

@@ -24,6 +24,8 @@ __all__ = [
     "EmbeddingModelError",
     "BenchError",
     "PeerError",
+    "CompositionError",
+    "PassageError",
 ]
 
 
@@ -97,3 +99,11 @@ class BenchError(CagError):
 
 class PeerError(CagError):
     """The llama.cpp peer cannot run (not installed, or llama.cpp refused the model or state)."""
+
+
+class CompositionError(ModelError):
+    """Passage caches cannot be composed for this model: its positions are not RoPE, or not re-rotatable exactly."""
+
+
+class PassageError(CagError):
+    """A passage collection is missing, empty, or asked for something it cannot do."""

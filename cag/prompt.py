@@ -59,6 +59,25 @@ class PromptBuilder:
             )
         return ids
 
+    def context_parts(self) -> tuple[list[int], list[int]]:
+        """The context prefix without its documents, cut where they go: (head, tail) token ids.
+
+        The head is the template up to the system message and the instructions; the tail
+        closes the message. Between them, ``passage_ids`` of any documents in any order
+        make the text ``context_text`` gives for them (each part tokenized on its own).
+        """
+        slotted, _ = self._context([])
+        head, tail = slotted.split(_SLOT.format(0))
+        return self._encode(head, [], bos=not self.has_chat_template) + self._plain(self.instructions), self._encode(tail, [])
+
+    def passage_ids(self, document: Any) -> list[int]:
+        """Token ids of one document (or passage) as it follows the instructions or another document."""
+        return self._plain("\n\n" + render_documents([document]))
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of untrusted text: every special-token string in it stays text."""
+        return self._plain(text)
+
     def question_ids(self, question: str) -> list[int]:
         """Token ids of a question turn, ending where the answer starts."""
         if not question.strip():

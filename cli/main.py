@@ -53,11 +53,19 @@ def build(
     json_out: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
     store: Optional[str] = StoreOpt,
+    passages: bool = typer.Option(False, "--passages", help="Cache each passage (paragraphs, up to --passage-tokens) on its "
+                                                            "own, to compose the top-k per question: cag ask --top-k."),
+    passage_tokens: int = typer.Option(256, "--passage-tokens", min=16, help="With --passages: most tokens of text per passage."),
 ) -> None:
     """Prefill documents once and store their KV cache; reuses the longest prefix already stored."""
     import cag
     from cag.stores import validate_name
 
+    if passages:
+        from .passages import build_collection
+
+        return build_collection(inputs, name, model, chunk_size, quantize, kv_dtype, threads, json_out, home, passage_tokens,
+                                store)
     with ui.one_line_errors():
         if name is not None:
             validate_name(name)
@@ -112,12 +120,22 @@ def ask(
     json_out: bool = JsonOpt,
     home: Optional[Path] = HomeOpt,
     store: Optional[str] = StoreOpt,
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", min=1, help="From a collection built with --passages: "
+                                                                             "compose this many passages (default 3)."),
+    retriever: str = typer.Option("bm25", "--retriever", help="With --top-k: bm25 or dense picks the passages."),
+    recompute: int = typer.Option(0, "--recompute", min=0, help="With --top-k: re-run the first R tokens of each passage "
+                                                                "with the passages before it in view (EPIC-style)."),
 ) -> None:
     """Answer questions against a stored cache: several at once in batches, or one by one, streamed."""
     import cag
     from cag.model import set_threads
 
+    from .passages import ask_collection, wants_collection
+
     todo = _read_questions(questions or [], questions_file)
+    if wants_collection(cache, home, top_k, retriever, recompute, store):
+        return ask_collection(todo, cache, model, max_new_tokens, temperature, seed, top_k, retriever, recompute,
+                              no_cache, quantize, threads, json_out, home, store)
     with ui.one_line_errors():
         with ui.status("Loading model…", quiet=json_out):
             set_threads(threads)
@@ -201,9 +219,11 @@ def rm(caches: List[str] = typer.Argument(..., help="Names or keys to remove."),
        store: Optional[str] = StoreOpt) -> None:
     """Remove caches by name (the entry goes once no name points to it) or by key."""
     with ui.one_line_errors():
+        from cag.passages import is_collection, remove_collection
+
         opened = _store(home, store)
         for cache in caches:
-            removed = opened.remove(cache)
+            removed = remove_collection(cache, store=opened) if is_collection(cache, store=opened) else opened.remove(cache)
             freed = sum(e.bytes for e in removed)
             ui.out.print(f"removed {cache}" + (f" ({ui.human_size(freed)} freed)" if removed else " (entry kept: other names point to it)"))
 

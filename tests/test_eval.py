@@ -20,7 +20,7 @@ from cag.measure.evaluate import (
     run_eval,
     token_f1,
 )
-from cag.measure.retrievers import Embedder
+from cag.retrieval import Embedder
 
 PUMPS = [
     {"source": "pumps.md", "text": "The Lyra pump has product code KP-2208. It weighs 14 kilograms."},
@@ -276,3 +276,48 @@ def test_cli_eval_checks_the_dataset_before_loading_the_model(home, tmp_path):
     assert result.exit_code != 0 and "no such dataset file" in result.output
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "nope.jsonl"), "--systems", "cag,colbert"])
     assert result.exit_code != 0 and "unknown system colbert" in result.output
+
+
+# --- cached passages ---------------------------------------------------------------------
+
+
+def test_run_eval_composed_systems_against_the_same_passages_prefilled(tiny, home, qa_jsonl, embedder):
+    progress = []
+    report = run_eval(tiny, qa_jsonl, systems=["bm25", "cached-bm25"], top_k=[1, 2], recompute=[0, 10_000],
+                      max_new_tokens=5, home=home, embedder=embedder, passage_tokens=32,
+                      on_progress=lambda done, total, what: progress.append((done, total)))
+    keys = [(r.system, r.top_k, r.recompute) for r in report.systems]
+    assert keys == [("bm25", 1, None), ("bm25", 2, None),
+                    ("prefilled-bm25", 1, None), ("cached-bm25", 1, 0), ("cached-bm25", 1, 10_000),
+                    ("prefilled-bm25", 2, None), ("cached-bm25", 2, 0), ("cached-bm25", 2, 10_000)]
+    assert progress[-1] == (24, 24) == (len(report.answers), len(report.answers))  # 3 x (2 + 2 x 3)
+    by_key = {(r.system, r.top_k, r.recompute): r for r in report.systems}
+    for k in (1, 2):
+        exact = by_key[("cached-bm25", k, 10_000)]
+        assert exact.identical_to_prefill == 1.0 and exact.kl_first_token < 1e-9
+        assert by_key[("prefilled-bm25", k, None)].identical_to_prefill is None
+    # One passage behind the prefix sits where it was prefilled: composing it is exact.
+    assert by_key[("cached-bm25", 1, 0)].identical_to_prefill == 1.0 and by_key[("cached-bm25", 1, 0)].kl_first_token < 1e-9
+    # Two passages: the second never saw the first; the first token's distribution moves.
+    two = [a for a in report.answers if a.system == "cached-bm25" and a.top_k == 2 and a.recompute == 0
+           and a.context_id == "pumps"]
+    exact_two = [a for a in report.answers if a.system == "cached-bm25" and a.top_k == 2 and a.recompute == 10_000
+                 and a.context_id == "pumps"]
+    assert two and all(a.kl_first_token > 1e-7 for a in two) and all(a.kl_first_token < 1e-9 for a in exact_two)
+    composed = [a for a in report.answers if a.system == "cached-bm25"]
+    assert all(0 < a.ttft_s <= a.generation_s and a.reused_tokens > 0 for a in composed)
+    rows = [r.to_dict() for r in report.systems]
+    assert ("kl_first_token" in rows[3]) and ("kl_first_token" not in rows[0]) and ("kl_first_token" not in rows[2])
+    table = report.markdown().splitlines()
+    assert "KL first token" in table[0] and len(table) == 2 + len(report.systems)
+    with pytest.raises(DatasetError, match="recompute"):
+        run_eval(tiny, qa_jsonl, systems=["cached-bm25"], recompute=-1, home=home, embedder=embedder)
+
+
+def test_cli_eval_composed_table(tiny_dir, home, qa_jsonl):
+    result = CliRunner().invoke(app, ["eval", str(qa_jsonl), "--model", str(tiny_dir), "--systems", "cached-dense",
+                                      "--top-k", "2", "--recompute", "0,4", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "cached passages (MiniLM), k=2, recompute 4" in result.stdout and "KL(prefilled || composed)" in result.stdout
+    bad = CliRunner().invoke(app, ["eval", str(qa_jsonl), "--systems", "cached-bm25", "--recompute", "x"])
+    assert bad.exit_code != 0 and "--recompute" in bad.output

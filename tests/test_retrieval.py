@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cag.documents import Document
-from cag.measure.retrievers import (
+from cag.retrieval import (
     BM25Retriever,
     DenseRetriever,
     Embedder,

@@ -6,7 +6,12 @@ Every question is answered by up to four systems:
   question only prefills its own tokens on top of the cache;
 - ``bm25``: sparse RAG, the top-k BM25 passages in the prompt, prefilled per question;
 - ``dense``: dense RAG, the top-k passages by MiniLM embedding similarity;
-- ``full``: all documents in the prompt, re-prefilled for every question (no cache).
+- ``full``: all documents in the prompt, re-prefilled for every question (no cache);
+- ``cached-bm25``, ``cached-dense``: cached passages (``cag.passages``): the top-k
+  passages' stored caches composed behind the instruction prefix, keys re-rotated, at
+  each ``recompute`` setting. Each is measured against the same passages prefilled in
+  full (reported as ``prefilled-bm25`` / ``prefilled-dense``): the share of identical
+  answers and the KL divergence of the first answer token's distribution.
 
 Answers are scored against the references by exact match and token F1 (SQuAD's
 normalisation), whether a reference is contained in the answer, and the cosine
@@ -18,6 +23,7 @@ report says how often it did.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -26,17 +32,21 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
 
 from ..documents import Document
 from ..errors import DatasetError
 from ..generate import generate
 from ..knowledge import build, resolve_model
 from ..model import LoadedModel
+from ..passages import DEFAULT_PASSAGE_TOKENS, build_passages
 from ..prefill import prefill
 from ..prompt import PromptBuilder
-from .retrievers import DEFAULT_PASSAGE_WORDS, BM25Retriever, DenseRetriever, Embedder, Hit, split_passages
+from ..retrieval import DEFAULT_PASSAGE_WORDS, BM25Retriever, DenseRetriever, Embedder, Hit, split_passages
 
 __all__ = [
     "SYSTEMS",
@@ -56,14 +66,20 @@ __all__ = [
     "token_f1",
 ]
 
-SYSTEMS: tuple[str, ...] = ("cag", "bm25", "dense", "full")
+SYSTEMS: tuple[str, ...] = ("cag", "bm25", "dense", "cached-bm25", "cached-dense", "full")
+DEFAULT_SYSTEMS: tuple[str, ...] = ("cag", "bm25", "dense", "full")
 SYSTEM_LABELS = {
     "cag": "CAG (cached documents)",
     "bm25": "sparse RAG (BM25)",
     "dense": "dense RAG (MiniLM)",
+    "cached-bm25": "cached passages (BM25)",
+    "prefilled-bm25": "same passages prefilled (BM25)",
+    "cached-dense": "cached passages (MiniLM)",
+    "prefilled-dense": "same passages prefilled (MiniLM)",
     "full": "full prompt, no cache",
 }
 RAG_SYSTEMS = ("bm25", "dense")
+CACHED_SYSTEMS = {"cached-bm25": "bm25", "cached-dense": "dense"}  # composed system -> its retriever
 
 EvalProgress = Callable[[int, int, str], None]
 """Called with (answers done, answers total, what is being done) after each answer."""
@@ -347,6 +363,10 @@ class AnswerRecord:
     contains: float = 0.0
     similarity: float = 0.0
     identical_to_full: bool | None = None  # CAG only, when the full baseline ran
+    ttft_s: float = 0.0  # time to first token: whatever prefill or composition precedes it, and the question's
+    recompute: int | None = None  # cached passages: tokens recomputed at the start of each passage
+    identical_to_prefill: bool | None = None  # cached passages: the same passages prefilled in full answered the same
+    kl_first_token: float | None = None  # cached passages: KL(prefilled || composed) of the first answer token
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -370,16 +390,24 @@ class SystemReport:
     prompt_tokens: float  # mean per question
     setup_s: float  # once for the whole run: cache prefill + store, or index building
     identical_to_full: float | None = None  # CAG: share of answers identical to the no-cache answers
+    ttft_s: float = 0.0  # mean time to first token
+    recompute: int | None = None  # cached passages
+    identical_to_prefill: float | None = None  # cached passages: share identical to the same passages prefilled
+    kl_first_token: float | None = None  # cached passages: mean KL of the first answer token's distribution
 
     @property
     def label(self) -> str:
         base = SYSTEM_LABELS.get(self.system, self.system)
-        return f"{base}, k={self.top_k}" if self.top_k is not None else base
+        base = f"{base}, k={self.top_k}" if self.top_k is not None else base
+        return f"{base}, recompute {self.recompute}" if self.recompute is not None else base
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if self.system != "cag":
             d.pop("identical_to_full")
+        if self.system not in CACHED_SYSTEMS:
+            for name in ("recompute", "identical_to_prefill", "kl_first_token"):
+                d.pop(name)
         return d
 
 
@@ -398,12 +426,20 @@ class EvalReport:
     def markdown(self, digits: int = 3) -> str:
         """The per-system table in Markdown (for notebooks and READMEs)."""
         head = "| system | EM | F1 | contains | similarity | retrieval s | generation s | prompt tokens |"
-        rows = [head, "|" + "---|" * 8]
+        composed = any(r.system in CACHED_SYSTEMS for r in self.systems)
+        if composed:
+            head += " first token s | same as prefilled | KL first token |"
+        rows = [head, "|" + "---|" * (11 if composed else 8)]
         for r in self.systems:
-            rows.append(
+            row = (
                 f"| {r.label} | {r.em:.{digits}f} | {r.f1:.{digits}f} | {r.contains:.{digits}f} | {r.similarity:.{digits}f} "
                 f"| {r.retrieval_s:.4f} | {r.generation_s:.3f} | {r.prompt_tokens:,.0f} |"
             )
+            if composed:
+                same = f"{r.identical_to_prefill:.{digits}f}" if r.identical_to_prefill is not None else "–"
+                kl = f"{r.kl_first_token:.4f}" if r.kl_first_token is not None else "–"
+                row += f" {r.ttft_s:.3f} | {same} | {kl} |"
+            rows.append(row)
         return "\n".join(rows)
 
 
@@ -415,13 +451,15 @@ def run_eval(
     dataset: str | os.PathLike | Sequence[QAItem],
     *,
     top_k: int | Sequence[int] = 3,
-    systems: Sequence[str] = SYSTEMS,
+    systems: Sequence[str] = DEFAULT_SYSTEMS,
     max_new_tokens: int = 32,
     limit: int | None = None,
     contexts: Sequence[str] | None = None,
     split: str | None = None,
     fields: QAFields | None = None,
     passage_words: int = DEFAULT_PASSAGE_WORDS,
+    recompute: int | Sequence[int] = 0,
+    passage_tokens: int = DEFAULT_PASSAGE_TOKENS,
     home: str | os.PathLike | None = None,
     store=None,
     embedder: Embedder | None = None,
@@ -434,11 +472,13 @@ def run_eval(
     store, so a second run reuses it) and answers all of that context's questions from it.
     ``top_k`` may be a list to sweep (the paper used 1, 3, 5 and 10). ``dataset`` is a
     file or hub name (see load_qa) or items already loaded; ``dataset_name`` names
-    those in the report.
+    those in the report. The cached-passage systems cut passages of ``passage_tokens``
+    tokens (text RAG's are ``passage_words`` words) and run at each ``recompute`` setting.
     """
     start = time.perf_counter()
     systems = check_systems(systems)
     ks = _check_top_k(top_k)
+    rs = _check_recompute(recompute)
     if max_new_tokens < 1:
         raise DatasetError("max_new_tokens must be at least 1")
     items = list(dataset) if _is_items(dataset) else load_qa(dataset, split=split, fields=fields)
@@ -447,7 +487,9 @@ def run_eval(
     embedder = embedder or Embedder()
     groups = _group_by_context(items)
 
-    per_question = sum(1 for s in systems if s not in RAG_SYSTEMS) + len(ks) * sum(1 for s in systems if s in RAG_SYSTEMS)
+    per_question = sum(1 for s in systems if s not in RAG_SYSTEMS and s not in CACHED_SYSTEMS)
+    per_question += len(ks) * sum(1 for s in systems if s in RAG_SYSTEMS)
+    per_question += len(ks) * (len(rs) + 1) * sum(1 for s in systems if s in CACHED_SYSTEMS)
     total = per_question * len(items)
     done = 0
     setup: Counter[str] = Counter()
@@ -460,8 +502,17 @@ def run_eval(
             kb = _build_cache(documents, lm, home, store)
             setup["cag"] += kb.report.seconds
         retrievers = _build_retrievers(documents, systems, passage_words, embedder, setup)
+        collection = None
+        if any(s in CACHED_SYSTEMS for s in systems):
+            collection = build_passages(documents, _collection_name(documents), model=lm, home=home, store=store,
+                                        passage_tokens=passage_tokens, embedder=embedder)
+            for system, retriever in CACHED_SYSTEMS.items():
+                if system in systems:
+                    setup[system] += collection.report.seconds + collection.retriever(retriever).build_s
         for item in group:
-            for system, k, record in _answer_all(item, kb, retrievers, systems, ks, lm, prompt, max_new_tokens):
+            answers = chain(_answer_all(item, kb, retrievers, systems, ks, lm, prompt, max_new_tokens),
+                            _answer_composed(item, collection, systems, ks, rs, max_new_tokens))
+            for system, k, record in answers:
                 records.append(record)
                 done += 1
                 if on_progress is not None:
@@ -475,7 +526,7 @@ def run_eval(
         contexts=len(groups),
         max_new_tokens=max_new_tokens,
         top_k=ks,
-        systems=_summarise(records, systems, ks, setup),
+        systems=_summarise(records, systems, ks, rs, setup),
         answers=records,
         seconds=time.perf_counter() - start,
     )
@@ -496,6 +547,13 @@ def check_systems(systems: Sequence[str]) -> list[str]:
     if unknown or not chosen:
         raise DatasetError(f"unknown system {', '.join(unknown) or '(none)'}: choose from {', '.join(SYSTEMS)}")
     return [s for s in SYSTEMS if s in chosen]
+
+
+def _check_recompute(recompute: int | Sequence[int]) -> list[int]:
+    rs = [recompute] if isinstance(recompute, int) else list(recompute)
+    if not rs or any(not isinstance(r, int) or r < 0 for r in rs):
+        raise DatasetError(f"recompute must be whole numbers of tokens, 0 or more, got {recompute!r}")
+    return sorted(set(rs))
 
 
 def _check_top_k(top_k: int | Sequence[int]) -> list[int]:
@@ -542,11 +600,13 @@ def _answer_all(item: QAItem, kb, retrievers, systems, ks, lm, prompt, max_new_t
     if "full" in systems:
         answer = kb.ask(item.question, max_new_tokens=max_new_tokens, use_cache=False)
         full = _record(item, "full", None, answer.text, answer.token_ids, 0.0, answer.total_s, answer.prompt_tokens, 0)
+        full.ttft_s = answer.ttft_s
         yield "full", None, full
     if "cag" in systems:
         answer = kb.ask(item.question, max_new_tokens=max_new_tokens)
         cag = _record(item, "cag", None, answer.text, answer.token_ids, 0.0, answer.total_s, answer.prompt_tokens,
                       answer.reused_tokens)
+        cag.ttft_s = answer.ttft_s
         if full is not None:
             cag.identical_to_full = cag.token_ids == full.token_ids
         yield "cag", None, cag
@@ -570,11 +630,53 @@ def _answer_rag(item: QAItem, system: str, k: int, retriever, lm: LoadedModel, p
         raise DatasetError(f"question {item.id!r} with its top-{k} passages exceeds the model's window of "
                            f"{lm.max_context:,} tokens: use a smaller --top-k")
     cache = prefill(lm, context_ids).cache
+    context_s = time.perf_counter() - start
     gen = generate(lm, cache, question_ids, max_new_tokens=min(max_new_tokens, room), temperature=0.0)
     generation_s = time.perf_counter() - start
     record = _record(item, system, k, gen.text.strip(), gen.token_ids, retrieval_s, generation_s,
                      len(context_ids) + len(question_ids), 0)
     record.sources = [hit.passage.source for hit in hits]
+    record.ttft_s = context_s + gen.prefill_s
+    return record
+
+
+def _collection_name(documents: Sequence[Document]) -> str:
+    """A store name for one context's passages: the same documents get the same collection."""
+    digest = hashlib.sha256(json.dumps([[d.source, d.text] for d in documents]).encode()).hexdigest()[:16]
+    return f"cag-eval-{digest}"
+
+
+def _answer_composed(item: QAItem, collection, systems, ks, rs, max_new_tokens: int):
+    """Yield (system, top_k, record) for the cached-passage systems: the same passages prefilled in full, then
+    composed at each recompute setting, scored against it."""
+    for k in ks if collection is not None else []:
+        for system, retriever in CACHED_SYSTEMS.items():
+            if system not in systems:
+                continue
+            start = time.perf_counter()
+            chosen = [p for p, _ in collection.search(item.question, k, retriever)]
+            retrieval_s = time.perf_counter() - start
+            reference = collection.ask(item.question, passages=chosen, use_cache=False, first_logits=True,
+                                       max_new_tokens=max_new_tokens)
+            yield system, k, _composed_record(item, "prefilled-" + retriever, k, None, reference, retrieval_s, chosen)
+            reference_log = torch.log_softmax(reference.first_logits.double(), dim=-1)  # float64: no rounding noise
+            for r in rs:
+                answer = collection.ask(item.question, passages=chosen, recompute=r, first_logits=True,
+                                        max_new_tokens=max_new_tokens)
+                record = _composed_record(item, system, k, r, answer, retrieval_s, chosen)
+                record.identical_to_prefill = answer.token_ids == reference.token_ids
+                log = torch.log_softmax(answer.first_logits.double(), dim=-1)
+                record.kl_first_token = max(0.0, float((reference_log.exp() * (reference_log - log)).sum()))
+                yield system, k, record
+
+
+def _composed_record(item: QAItem, system: str, k: int, recompute: int | None, answer, retrieval_s: float,
+                     chosen) -> AnswerRecord:
+    record = _record(item, system, k, answer.text, answer.token_ids, retrieval_s, answer.total_s - answer.retrieval_s,
+                     answer.prompt_tokens, answer.reused_tokens)
+    record.sources = [p.passage.source for p in chosen]
+    record.ttft_s = answer.ttft_s - answer.retrieval_s
+    record.recompute = recompute
     return record
 
 
@@ -599,23 +701,36 @@ def _score(records: list[AnswerRecord], embedder: Embedder) -> None:
         r.similarity = max(0.0, min(1.0, max(float(vectors[r.answer] @ vectors[ref]) for ref in r.references)))
 
 
-def _summarise(records: list[AnswerRecord], systems: Sequence[str], ks: Sequence[int], setup: Counter) -> list[SystemReport]:
+def _summarise(records: list[AnswerRecord], systems: Sequence[str], ks: Sequence[int], rs: Sequence[int],
+               setup: Counter) -> list[SystemReport]:
     reports = []
     for system in systems:
-        for k in (ks if system in RAG_SYSTEMS else [None]):
-            rows = [r for r in records if r.system == system and r.top_k == k]
-            if not rows:
-                continue
-            identical = [r.identical_to_full for r in rows if r.identical_to_full is not None]
-            reports.append(SystemReport(
-                system=system, top_k=k, n=len(rows),
-                em=_mean(r.em for r in rows), f1=_mean(r.f1 for r in rows), contains=_mean(r.contains for r in rows),
-                similarity=_mean(r.similarity for r in rows), retrieval_s=_mean(r.retrieval_s for r in rows),
-                generation_s=_mean(r.generation_s for r in rows), prompt_tokens=_mean(r.prompt_tokens for r in rows),
-                setup_s=float(setup.get(system, 0.0)),
-                identical_to_full=_mean(identical) if (system == "cag" and identical) else None,
-            ))
+        for k in (ks if system in RAG_SYSTEMS or system in CACHED_SYSTEMS else [None]):
+            # A composed system's rows: the same passages prefilled in full, then each recompute setting.
+            variants = [("prefilled-" + CACHED_SYSTEMS[system], None)] + [(system, r) for r in rs] \
+                if system in CACHED_SYSTEMS else [(system, None)]
+            for name, r in variants:
+                rows = [a for a in records if a.system == name and a.top_k == k and a.recompute == r]
+                if rows:
+                    reports.append(_system_report(name, k, r, rows, setup.get(system, 0.0)))
     return reports
+
+
+def _system_report(system: str, k: int | None, recompute: int | None, rows: list[AnswerRecord], setup_s: float) -> SystemReport:
+    identical = [r.identical_to_full for r in rows if r.identical_to_full is not None]
+    composed = system in CACHED_SYSTEMS
+    return SystemReport(
+        system=system, top_k=k, n=len(rows),
+        em=_mean(r.em for r in rows), f1=_mean(r.f1 for r in rows), contains=_mean(r.contains for r in rows),
+        similarity=_mean(r.similarity for r in rows), retrieval_s=_mean(r.retrieval_s for r in rows),
+        generation_s=_mean(r.generation_s for r in rows), prompt_tokens=_mean(r.prompt_tokens for r in rows),
+        setup_s=float(setup_s),
+        identical_to_full=_mean(identical) if (system == "cag" and identical) else None,
+        ttft_s=_mean(r.ttft_s for r in rows),
+        recompute=recompute if composed else None,
+        identical_to_prefill=_mean(float(bool(r.identical_to_prefill)) for r in rows) if composed else None,
+        kl_first_token=_mean(r.kl_first_token or 0.0 for r in rows) if composed else None,
+    )
 
 
 def _mean(values: Iterable[float]) -> float:

