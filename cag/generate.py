@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from .batch import SharedPrefixBatch, UnsupportedAttention, supports_shared_prefix
-from .kvcache import crop_to
+from .batch import SharedPrefixBatch, UnsupportedAttention, _prefix_tensors, supports_shared_prefix
+from .kvcache import cache_from_layers, crop_to
 from .model import LoadedModel, forward
 from .prefill import DEFAULT_CHUNK_SIZE, prefill
 
@@ -50,6 +50,9 @@ class TextStream:
     @property
     def token_ids(self) -> list[int]:
         return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
     def push(self, token_id: int) -> None:
         self._ids.append(token_id)
@@ -164,13 +167,15 @@ class Decoder:
     def __len__(self) -> int:
         return len(self.rows) + len(self._waiting)
 
-    def add(self, prompts: Sequence[Sequence[int]], limits: Sequence[int], sampling: Sampling = Sampling(),
+    def add(self, prompts: Sequence[Sequence[int]], limits: Sequence[int],
+            sampling: Sampling | Sequence[Sampling] = Sampling(),
             on_text: Sequence[Callable[[str], None] | None] | None = None) -> list[Row]:
-        """Add rows, each with its prompt, most new tokens and text callback; prefilled now if they can run."""
+        """Add rows, each with its prompt, most new tokens, sampling and text callback; prefilled now if they can run."""
         started = time.perf_counter()
         callbacks = list(on_text) if on_text is not None else [None] * len(prompts)
-        rows = [Row([int(t) for t in p], n, TextStream(self.lm.tokenizer, cb), _Sampler(sampling), started)
-                for p, n, cb in zip(prompts, limits, callbacks, strict=True)]
+        samplings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
+        rows = [Row([int(t) for t in p], n, TextStream(self.lm.tokenizer, cb), _Sampler(how), started)
+                for p, n, how, cb in zip(prompts, limits, samplings, callbacks, strict=True)]
         if any(not row.prompt for row in rows):
             raise ValueError("every row needs at least one prompt token")
         if self.extend and len(self) + len(rows) > 1:
@@ -229,6 +234,27 @@ class Decoder:
         self._keep(keep)
         if not self.rows:
             self._start_next()
+
+    def prompt_cache(self, row: Row, tokens: int) -> DynamicCache:
+        """A new cache (a copy) of the context and the first ``tokens`` of a running ``row``'s prompt.
+
+        What a prompt cache stores: the row's own keys and values come from the batch's
+        buffer (the appending path: from the cache it appends to), so nothing is recomputed.
+        """
+        index = self.rows.index(row)
+        layers = []
+        for i in range(self.lm.num_layers):
+            if self._shared:
+                keys, values = (t[:, :, :tokens] for t in self._batch.suffix(i, index))
+                prefix_keys, prefix_values = _prefix_tensors(self.cache, i)
+                if prefix_keys is not None:
+                    keys = torch.cat([prefix_keys.to(keys.dtype), keys], dim=-2)
+                    values = torch.cat([prefix_values.to(values.dtype), values], dim=-2)
+            else:
+                end = self._boundary + tokens
+                keys, values = self.cache.layers[i].keys[:, :, :end], self.cache.layers[i].values[:, :, :end]
+            layers.append((keys.clone(), values.clone()))
+        return cache_from_layers(layers)
 
     def close(self) -> None:
         """Leave ``cache`` as promised even if decoding stopped half-way (an exception, a dropped client)."""
@@ -309,7 +335,7 @@ def _push(stream: TextStream, token: int, limit: int, eos: Sequence[int]) -> str
     if token in eos:
         return "eos"
     stream.push(token)
-    return "length" if len(stream._ids) >= limit else None
+    return "length" if len(stream) >= limit else None
 
 
 @torch.inference_mode()
