@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -52,9 +53,17 @@ def serve_command(
     _banner(host, port, base_model_id(lm), where, bool(api_key))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=60, lifespan="on"))
+    _stop_signals_end_cleanly()
     server.run()  # SIGTERM / Ctrl-C: stop accepting, finish the requests in flight, write pending caches
     if not server.started:
         ui.fail(f"the server did not start on {host}:{port} (see the line above)")
+
+
+def _stop_signals_end_cleanly() -> None:
+    """uvicorn raises the stop signal again once it has shut down gracefully, which would end the
+    process as killed by it; the stop asked for is done by then, so it ends as a clean exit (0)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
 
 
 def _log_to_stderr() -> None:
