@@ -310,6 +310,12 @@ def test_special_token_text_in_a_prompt_stays_text(client, base, tiny_dir):
     assert as_text > as_control
     got = client.completions.create(model=base, prompt=prompt, max_tokens=2, temperature=0)
     assert got.usage.prompt_tokens == as_text
+    # In a chat message too: the template's own turns are control tokens, the message's are text.
+    messages = [{"role": "user", "content": prompt}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    controls = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    chat = client.chat.completions.create(model=base, messages=messages, max_tokens=2, temperature=0)
+    assert chat.usage.prompt_tokens == controls + (as_text - as_control)
 
 
 def test_a_client_leaving_mid_stream_frees_its_row(server, client, base):

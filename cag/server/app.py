@@ -378,7 +378,7 @@ def _routes(app: FastAPI, service: _Service) -> None:
 
     @app.get("/health")
     async def health() -> Response:
-        alive = worker._thread.is_alive()
+        alive = worker.alive
         body = {"status": "ok" if alive else "worker stopped", "model": worker.model_id,
                 "running": worker.running, "waiting": worker.waiting}
         return JSONResponse(body, status_code=200 if alive else 503)

@@ -255,6 +255,10 @@ class Worker:
         return future
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def running(self) -> int:
         return sum(len(g.jobs) for g in list(self._groups.values()))
 
