@@ -182,15 +182,16 @@ def test_context_lru_evicts_the_least_recent_and_never_a_pinned_one(tiny):
     caches = [prefill(tiny, list(range(5, 5 + n))).cache for n in (10, 10, 10)]
     size = cache_bytes(caches[0])
     lru = ContextLRU(2 * size)
-    a, b, c = (Context(k, cache, list(range(5, 15))) for k, cache in zip("abc", caches))
+    a, b, c = (Context(k, cache, list(range(5, 15)), "float32") for k, cache in zip("abc", caches))
     assert lru.add(a) and lru.add(b) and lru.bytes == 2 * size
     lru.get("a")  # a is now the most recent
     assert lru.add(c) and lru.get("b") is None and lru.bytes == 2 * size
     lru.pin(a)
     lru.pin(c)
-    assert not lru.add(Context("d", caches[1], [1]))  # both held by running batches: refused, not squeezed in
+    assert not lru.add(Context("d", caches[1], [1], "float32"))  # both held by running batches: refused, not squeezed in
     assert lru.bytes == 2 * size
     lru.unpin(c)
-    assert lru.add(Context("d", caches[1], [1])) and lru.get("c") is None and lru.get("a") is a
-    found = lru.longest_prefix(list(range(5, 12)) + [999], minimum=4)
+    assert lru.add(Context("d", caches[1], [1], "float32")) and lru.get("c") is None and lru.get("a") is a
+    found = lru.longest_prefix(list(range(5, 12)) + [999], "float32", minimum=4)
     assert found is not None and found[0] is a and found[1] == 7
+    assert lru.longest_prefix(list(range(5, 12)), "int8") is None  # an approximate cache is no prompt's prefix

@@ -36,6 +36,7 @@ class Context:
     key: str
     cache: DynamicCache
     token_ids: list[int]
+    kv_dtype: str  # what the keys and values were stored as: only exact ones may serve as another prompt's prefix
     nbytes: int = field(default=-1)
     users: int = 0  # batches reading it right now: a context in use is never evicted
 
@@ -87,10 +88,12 @@ class ContextLRU:
     def unpin(self, context: Context) -> None:
         context.users -= 1
 
-    def longest_prefix(self, token_ids: Sequence[int], minimum: int = 1) -> tuple[Context, int] | None:
-        """The context sharing the most leading tokens with ``token_ids`` (at least ``minimum``), and how many."""
+    def longest_prefix(self, token_ids: Sequence[int], kv_dtype: str, minimum: int = 1) -> tuple[Context, int] | None:
+        """The context of ``kv_dtype`` sharing the most leading tokens with ``token_ids`` (at least ``minimum``), and how many."""
         best: tuple[Context, int] | None = None
         for context in self._items.values():
+            if context.kv_dtype != kv_dtype:
+                continue
             shared = common_prefix_length(context.token_ids, token_ids)
             if shared >= minimum and (best is None or shared > best[1]):
                 best = (context, shared)

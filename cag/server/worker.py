@@ -215,7 +215,7 @@ class Worker:
         self._pending: deque[Job] = deque()
         self._groups: dict[tuple[str, int], _Group] = {}
         self._sizes: dict[str, int] = {}  # bytes a knowledge base took in memory, known after its first restore
-        self._empty = Context("", new_cache(), [], nbytes=0)  # where a prompt with nothing cached starts
+        self._empty = Context("", new_cache(), [], lm.kv_dtype, nbytes=0)  # where a prompt with nothing cached starts
         self._stopping = False
         self._store = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="cag-store-writer")
@@ -352,6 +352,9 @@ class Worker:
         if group is not None and len(group.decoder) + len(joining.get(key, ())) >= self.config.max_batch:
             return None
         if group is None:
+            if prompt.context is not self._empty and not self.contexts.add(prompt.context):
+                prompt.context = None  # evicted while it waited, and no room now: look again next time
+                return None
             self._groups[key] = self._new_group(prompt.context, prompt.cached_tokens)
         return key
 
@@ -416,7 +419,7 @@ class Worker:
             return None  # wait for running batches to release theirs, without restoring it again
         kb = KnowledgeBase(self.lm, self._store, entry)
         kb.restore()
-        context = Context(entry.key, kb.cache, kb.context_ids)
+        context = Context(entry.key, kb.cache, kb.context_ids, entry.kv_dtype)
         self._sizes[entry.key] = context.nbytes
         if context.nbytes > self.contexts.limit:
             raise CacheMemoryError(
@@ -428,11 +431,12 @@ class Worker:
     def _prompt_context(self, ids: list[int]) -> tuple[Context, int]:
         """The longest cached prefix of a prompt: memory first, then the store; a whole block at least."""
         block = self._store.block_size
-        best = self.contexts.longest_prefix(ids[:-1], minimum=block) or (self._empty, 0)
+        best = self.contexts.longest_prefix(ids[:-1], self.lm.kv_dtype, minimum=block) or (self._empty, 0)
         match = stored_prefix(self._store, self.lm, ids)
         if match is not None and match.tokens > best[1]:
             restored = self._store.restore(match.entry, match.tokens, device=self.lm.device, dtype=self.lm.dtype)
-            context = Context(f"{match.entry.key}@{match.tokens}", restored.cache, list(ids[: match.tokens]))
+            context = Context(f"{match.entry.key}@{match.tokens}", restored.cache, list(ids[: match.tokens]),
+                              self.lm.kv_dtype)
             if self.contexts.add(context):
                 return context, match.tokens
         return best
@@ -471,7 +475,7 @@ class Worker:
         if self.contexts.get(key) is not None:
             return
         cache = group.decoder.prompt_cache(row, upto - prompt.cached_tokens)
-        self.contexts.add(Context(key, cache, ids))
+        self.contexts.add(Context(key, cache, ids, self.lm.kv_dtype))
         self._writer.submit(self._write, cache, ids)
 
     def _write(self, cache: DynamicCache, ids: list[int]) -> None:
