@@ -168,11 +168,12 @@ class _Choice(BaseModel):
 
 
 class _Envelope(BaseModel):
-    """What every completion and chunk carries around its choices."""
+    """What every completion and chunk carries around its choices (a stream's chunks: usage only in the last)."""
 
     id: str
     created: int
     model: str
+    usage: Usage | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -202,7 +203,6 @@ class ChunkChoice(_Choice):
 class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChunkChoice]
-    usage: Usage | None = None
 
 
 class TextChoice(_Choice):
@@ -214,7 +214,6 @@ class TextCompletion(_Envelope):
 
     object: Literal["text_completion"] = "text_completion"
     choices: list[TextChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
