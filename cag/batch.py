@@ -105,8 +105,41 @@ class _SuffixLayer(DynamicLayer):
         if self.is_initialized:
             self._key_buffer = self._key_buffer.index_select(0, rows)
             self._value_buffer = self._value_buffer.index_select(0, rows)
-            self.keys = self._key_buffer[:, :, : self.length]
-            self.values = self._value_buffer[:, :, : self.length]
+            self._publish()
+
+    def drop_leading(self, columns: int) -> None:
+        """Forget the first ``columns`` suffix columns (padding in every row by then): a view, no copy."""
+        if self.is_initialized and columns > 0:
+            self._key_buffer = self._key_buffer[:, :, columns:]
+            self._value_buffer = self._value_buffer[:, :, columns:]
+            self.length -= columns
+            self._publish()
+
+    def join(self, other: "_SuffixLayer", shift_mine: int, shift_theirs: int, capacity: int) -> None:
+        """Append ``other``'s rows, both moved right by their shift so every row ends in the same column.
+
+        The columns a shift opens are zeros, not uninitialised memory: they are masked out,
+        but a masked weight of 0 times a NaN left in memory would still be NaN.
+        """
+        width = self.length + shift_mine
+        mine = self._key_buffer.shape[0] if self.is_initialized else 0
+        if not self.is_initialized:
+            self.dtype, self.device = other.dtype, other.device
+        for name in ("_key_buffer", "_value_buffer"):
+            theirs = getattr(other, name)
+            rows, heads, _, dim = theirs.shape
+            joined = theirs.new_zeros((mine + rows, heads, max(capacity, width), dim))
+            if mine:
+                joined[:mine, :, shift_mine:width] = getattr(self, name)[:, :, : self.length]
+            joined[mine:, :, shift_theirs:width] = theirs[:, :, : other.length]
+            setattr(self, name, joined)
+        self.length = width
+        self.is_initialized = True
+        self._publish()
+
+    def _publish(self) -> None:
+        self.keys = self._key_buffer[:, :, : self.length]
+        self.values = self._value_buffer[:, :, : self.length]
 
     def get_seq_length(self) -> int:
         return self.prefix_length + self.length
@@ -325,6 +358,7 @@ class SharedPrefixBatch:
         self._pad = torch.zeros(batch, dtype=torch.long, device=self.device)
         self._valid = torch.zeros((batch, 0), dtype=torch.bool, device=self.device)
         self._pad_id = _pad_token_id(lm)
+        self._prefix = prefix
 
     def prefill(self, prompts: Sequence[Sequence[int]], chunk_size: int) -> torch.Tensor:
         """Feed each row its prompt (all rows at once, in chunks); returns the last logits, [rows, vocab]."""
@@ -346,18 +380,50 @@ class SharedPrefixBatch:
         return self._forward(tokens.reshape(self.rows, 1))
 
     def keep_rows(self, rows: Sequence[int]) -> None:
-        """Keep only these rows (by current index), e.g. when the others have finished."""
+        """Keep only these rows (by current index), e.g. when the others have finished or their client left.
+
+        Columns that are padding in every row left are dropped, so a batch that rows keep
+        joining and leaving is as wide as its longest row, not as old as the batch.
+        """
         index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
         self.cache.keep_rows(index)
         self._pad = self._pad.index_select(0, index)
         self._valid = self._valid.index_select(0, index)
         self.rows = len(rows)
+        unused = int(self._pad.min()) if self.rows else self.cache.suffix_length
+        if unused > 0:
+            for layer in self.cache.layers:
+                layer.drop_leading(unused)
+            self._pad -= unused
+            self._valid = self._valid[:, unused:]
 
-    def suffix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row 0's own keys and values of ``layer`` (what it appended to the prefix)."""
+    def add_rows(self, prompts: Sequence[Sequence[int]], chunk_size: int, reserve: int = 0) -> torch.Tensor:
+        """Prefill new rows on the same context and join them to the running rows; returns their last logits.
+
+        Called between steps: the new rows are prefilled as a batch of their own, then every
+        row is right-aligned to one suffix column, the shorter side padded on the left, so
+        each row's positions and mask stay what they were. ``reserve`` is room for tokens to come.
+        """
+        joining = SharedPrefixBatch(self.lm, self._prefix, len(prompts), capacity=max(map(len, prompts)) + reserve)
+        logits = joining.prefill(prompts, chunk_size)
+        if self.rows == 0:
+            self.cache, self.rows, self._pad, self._valid = joining.cache, joining.rows, joining._pad, joining._valid
+            return logits
+        mine, theirs = self.cache.suffix_length, joining.cache.suffix_length
+        width = max(mine, theirs)
+        capacity = max(self.cache.layers[0]._key_buffer.shape[-2], width + reserve)
+        for layer, other in zip(self.cache.layers, joining.cache.layers):
+            layer.join(other, width - mine, width - theirs, capacity)
+        self._pad = torch.cat([self._pad + (width - mine), joining._pad + (width - theirs)])
+        self._valid = torch.cat([_pad_left(self._valid, width - mine), _pad_left(joining._valid, width - theirs)])
+        self.rows += joining.rows
+        return logits
+
+    def suffix(self, layer: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's own keys and values of ``layer`` (what it appended to the prefix), [1, heads, tokens, dim]."""
         cached = self.cache.layers[layer]
-        start = int(self._pad[0])
-        return cached.keys[:1, :, start:], cached.values[:1, :, start:]
+        start = int(self._pad[row])
+        return cached.keys[row : row + 1, :, start:], cached.values[row : row + 1, :, start:]
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         start = self.cache.suffix_length
@@ -387,6 +453,13 @@ class SharedPrefixBatch:
         own = keys[None, :] == columns[:, None]  # keeps padding rows finite: no row is fully masked
         mask = (self._valid[:, None, :end] & causal[None]) | own[None]
         return mask[:, None]
+
+
+def _pad_left(valid: torch.Tensor, columns: int) -> torch.Tensor:
+    """Prepend ``columns`` masked-out columns to a [rows, columns] validity mask."""
+    if columns == 0:
+        return valid
+    return torch.cat([valid.new_zeros((valid.shape[0], columns)), valid], dim=1)
 
 
 def _pad_token_id(lm: LoadedModel) -> int:

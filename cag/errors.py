@@ -1,6 +1,7 @@
 """Exceptions raised by cag. Each message says what went wrong and how to fix it.
 
-The library raises these; only the CLI turns them into one line and an exit code.
+The library raises these; only the CLI turns them into one line and an exit code, and
+only the server (``cag serve``) into an OpenAI-style error object and an HTTP status.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ __all__ = [
     "PeerError",
     "CompositionError",
     "PassageError",
+    "RequestError",
+    "ModelNotFoundError",
+    "AuthenticationError",
+    "CacheMemoryError",
 ]
 
 
@@ -107,3 +112,23 @@ class CompositionError(ModelError):
 
 class PassageError(CagError):
     """A passage collection is missing, empty, or asked for something it cannot do."""
+
+
+class RequestError(CagError):
+    """A request asks for something cag cannot do as asked (e.g. several choices, an unknown option)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFoundError(CacheNotFoundError):
+    """A request names a model that is neither the served model nor a knowledge base in the store."""
+
+
+class AuthenticationError(CagError):
+    """A request to the server lacks the API key it was started with, or brings another one."""
+
+
+class CacheMemoryError(CagError):
+    """A cache does not fit into the memory the server may hold caches in (``--cache-ram``)."""

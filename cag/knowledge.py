@@ -234,6 +234,10 @@ class KnowledgeBase:
                                           gen_start - start + gen.total_s, batch=len(chunk))
         return answers  # type: ignore[return-value]
 
+    def question_prompt(self, question: str) -> tuple[list[int], int]:
+        """The token ids ``ask`` feeds after the context for ``question``, and the room left for its answer."""
+        return self._question(question)
+
     def _question(self, question: str) -> tuple[list[int], int]:
         """The question's token ids and the room left for its answer; refuses a question that cannot fit."""
         question_ids = self.prompt.question_ids(question)

@@ -4,6 +4,10 @@ Every prompt is looked up in the store; the longest stored prefix is restored an
 only the rest is prefilled. The prompt's own cache is then stored, so the next
 prompt that extends it (the next turn of a conversation, another question over the
 same long system prompt) starts from there.
+
+The pieces (``stored_prefix``, ``store_prompt``, ``room_for_answer``,
+``last_user_turn_start``) are shared with the server (``cag serve``), which keeps
+restored prefixes in memory as well.
 """
 
 from __future__ import annotations
@@ -13,14 +17,18 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from transformers import DynamicCache
+
+from .errors import ContextTooLongError, PromptError
 from .generate import generate
+from .hashing import common_prefix_length
 from .kvcache import CacheMetadata, crop_to, now_iso
 from .knowledge import open_store, resolve_model
 from .model import LoadedModel
 from .prefill import new_cache
 from .prompt import PromptBuilder
 
-__all__ = ["PromptCache", "CachedGeneration"]
+__all__ = ["PromptCache", "CachedGeneration", "last_user_turn_start", "room_for_answer", "store_prompt", "stored_prefix"]
 
 
 @dataclass
@@ -71,8 +79,8 @@ class PromptCache:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         ids = self.prompt.chat_ids(messages)
-        # At least the last prompt token is fed again: its logits pick the first answer token.
-        match = self.store.longest_prefix(ids[:-1], self.lm.fingerprint, self.kv_dtype)
+        max_new_tokens = min(max_new_tokens, room_for_answer(self.lm, ids))
+        match = stored_prefix(self.store, self.lm, ids)
         if match is not None:
             cache = self.store.restore(match.entry, match.tokens, device=self.lm.device, dtype=self.lm.dtype).cache
         else:
@@ -82,7 +90,7 @@ class PromptCache:
         gen = generate(self.lm, cache, ids[reused:], max_new_tokens=max_new_tokens, temperature=temperature,
                        seed=seed, on_text=on_text)
         crop_to(cache, len(ids))
-        key = self._store_prompt(cache, ids) if len(ids) >= self.min_store_tokens else None
+        key = store_prompt(self.store, self.lm, cache, ids).key if len(ids) >= self.min_store_tokens else None
         return CachedGeneration(
             text=gen.text.strip(),
             token_ids=gen.token_ids,
@@ -95,15 +103,54 @@ class PromptCache:
             key=key,
         )
 
-    def _store_prompt(self, cache, ids: list[int]) -> str:
-        metadata = CacheMetadata(
-            model_name=self.lm.name,
-            fingerprint=self.lm.fingerprint,
-            tokenizer_hash=self.lm.tokenizer_hash,
-            kv_dtype=self.kv_dtype,
-            tokens=len(ids),
-            num_layers=len(cache.layers),
-            sources=("prompt",),
-            created=now_iso(),
+
+def stored_prefix(store, lm: LoadedModel, ids: Sequence[int]):
+    """The store's longest prefix of the prompt ``ids`` for this model and KV dtype (a ``PrefixMatch``), or None.
+
+    The last prompt token is always fed again, never restored: its logits pick the first answer token.
+    """
+    return store.longest_prefix(ids[:-1], lm.fingerprint, lm.kv_dtype)
+
+
+def store_prompt(store, lm: LoadedModel, cache: DynamicCache, ids: Sequence[int]):
+    """Store the first ``len(ids)`` tokens of ``cache`` (the prompt ``ids``) as a prompt cache; returns its entry."""
+    metadata = CacheMetadata(
+        model_name=lm.name,
+        fingerprint=lm.fingerprint,
+        tokenizer_hash=lm.tokenizer_hash,
+        kv_dtype=lm.kv_dtype,
+        tokens=len(ids),
+        num_layers=len(cache.layers),
+        sources=("prompt",),
+        created=now_iso(),
+    )
+    return store.put(cache, list(ids), metadata)
+
+
+def room_for_answer(lm: LoadedModel, ids: Sequence[int]) -> int:
+    """Tokens left in the model's window after the prompt; refuses a prompt that leaves none."""
+    room = lm.max_context - len(ids)
+    if room <= 0:
+        raise ContextTooLongError(
+            f"the prompt is {len(ids)} tokens but the model's context window is {lm.max_context} tokens "
+            "(the answer needs at least one more): shorten the prompt or drop earlier turns"
         )
-        return self.store.put(cache, ids, metadata).key
+    return room
+
+
+def last_user_turn_start(builder: PromptBuilder, messages: Sequence[dict[str, str]], ids: Sequence[int]) -> int:
+    """How many leading tokens of ``ids`` (the chat's prompt) come before its last user turn.
+
+    That much is what the next turn of the conversation and another question after the
+    same system prompt share with this one, so it is what a server stores: one entry per
+    conversation state rather than one per question. Found by tokenizing the chat without
+    its last user turn and comparing, so it holds for any chat template.
+    """
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=0)
+    if last == 0:
+        return 0
+    try:
+        earlier = builder.chat_ids(list(messages[:last]))
+    except PromptError:  # a template that refuses the shorter chat (e.g. one that must end on a user turn)
+        return 0
+    return common_prefix_length(earlier, ids)

@@ -285,6 +285,7 @@ def _when(ts: float) -> str:
 from .evaluate import eval_command; app.command("eval")(eval_command)  # noqa: E402,E702
 from .bench import bench as _bench; app.command()(_bench)  # noqa: E402,E702
 from .prompt import prompt_command; app.command("prompt")(prompt_command)  # noqa: E402,E702
+from .serve import serve_command; app.command("serve")(serve_command)  # noqa: E402,E702
 
 
 def main() -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 import cag
 from cag.cli.main import app
+from cag.errors import ContextTooLongError
 from cag.stores import LocalStore
 
-LONG_SYSTEM = "You are the archivist of the Tarrow warehouse. " + "Shelf rules: keep aisles clear and label every crate. " * 40
+# About 700 tokens of the tiny model: more than two store blocks, well inside its 1024-token window.
+LONG_SYSTEM = "You are the archivist of the Tarrow warehouse. " + "Shelf rules: keep aisles clear and label every crate. " * 16
 
 
 def _reference(lm, ids, n):
@@ -51,9 +54,15 @@ def test_short_prompts_are_not_stored(tiny, home):
     assert out.key is None and store.entries() == []
 
 
+def test_a_prompt_longer_than_the_window_is_refused_naming_both_numbers(tiny, home):
+    pc = cag.PromptCache(tiny, store=LocalStore(home / "store", block_size=16))
+    with pytest.raises(ContextTooLongError, match=r"the prompt is \d+ tokens but the model's context window is 1024"):
+        pc.generate([{"role": "system", "content": LONG_SYSTEM * 3}, {"role": "user", "content": "Who?"}], max_new_tokens=2)
+
+
 def test_cli_prompt_reports_reuse(tiny_dir, home, tmp_path):
     system = tmp_path / "system.txt"
-    system.write_text(LONG_SYSTEM * 3)
+    system.write_text(LONG_SYSTEM)
     runner = CliRunner()
     args = ["prompt", "--system", str(system), "--model", str(tiny_dir), "--max-new-tokens", "3", "--json"]
     first = json.loads(runner.invoke(app, [*args, "Who keeps the archive?"]).stdout.splitlines()[-1])
