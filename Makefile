@@ -46,7 +46,7 @@ test: install redis-server $(OLDEST_STAMP)
 	$(PY) -m pytest -q
 	$(OLDEST_VENV)/bin/python -m pytest -q -m "not integration"
 
-# The unit tests only (tiny random-weight models, under a minute): for working locally.
+# The unit tests only (tiny random-weight models, loopback servers; under two minutes): for working locally.
 test-fast: install redis-server
 	$(PY) -m pytest -q -m "not integration"
 

@@ -70,3 +70,17 @@ def test_measurement_is_imported_only_by_measurement_and_the_cli():
     graph = _graph()
     importers = {m for m, deps in graph.items() if any(d.startswith("cag.measure") for d in deps)}
     assert importers and all(m.startswith(("cag.measure", "cag.cli")) for m in importers), sorted(importers)
+
+
+def test_every_relative_import_names_a_module_of_the_project():
+    modules = _modules()
+    known = set(modules)
+    for name, path in modules.items():
+        base_of = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = base_of
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                target = f"{base}.{node.module}" if node.module else base
+                assert target in known, f"{name} line {node.lineno}: no module {target}"

@@ -124,7 +124,7 @@ class LlamaCppPeer:
     ) -> None:
         self._llama_cpp = llama_cpp = llama_cpp_module(install)
         if gguf is None:
-            from .model import embedded_gguf_path
+            from ...model import embedded_gguf_path
 
             gguf = embedded_gguf_path()
         self.gguf = str(gguf)
