@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from . import ui
-from .options import HomeOpt, ModelOpt, QuantizeOpt, ThreadsOpt
+from .options import HomeOpt, ModelOpt, QuantizeOpt, StoreOpt, ThreadsOpt
 
 
 def serve_command(
@@ -30,6 +30,7 @@ def serve_command(
     quantize: Optional[str] = QuantizeOpt,
     threads: Optional[int] = ThreadsOpt,
     home: Optional[Path] = HomeOpt,
+    store: Optional[str] = StoreOpt,
 ) -> None:
     """Serve the model and every knowledge base in the store over the OpenAI API (chat, completions, models)."""
     import uvicorn
@@ -44,12 +45,12 @@ def serve_command(
     with ui.one_line_errors():
         with ui.status("Loading model…"):
             lm = cag.load_model(model, home=home, quantize=quantize, threads=threads)
-        store = open_store(home)
-        where = str(getattr(store, "root", None) or store)
-        getattr(store, "close", lambda: None)()
+        opened = open_store(home, store)
+        where = str(getattr(opened, "root", None) or opened)
+        getattr(opened, "close", lambda: None)()
     config = ServerConfig(api_key=api_key or None, max_tokens=max_tokens,
                           worker=WorkerConfig(cache_ram=ram, max_batch=max_batch, chunk_size=chunk_size))
-    app = create_app(lm, lambda: open_store(home), config)
+    app = create_app(lm, lambda: open_store(home, store), config)
     _banner(host, port, base_model_id(lm), where, bool(api_key))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=60, lifespan="on"))
