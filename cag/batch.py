@@ -162,7 +162,7 @@ class SharedPrefixCache(DynamicCache):
     def __init__(self, prefix: DynamicCache, num_layers: int, capacity: int) -> None:
         layers = []
         for i in range(num_layers):
-            keys, values = _prefix_tensors(prefix, i)
+            keys, values = prefix_tensors(prefix, i)
             layers.append(_SuffixLayer(keys, values, capacity))
         super().__init__()
         self.layers = layers
@@ -179,7 +179,8 @@ class SharedPrefixCache(DynamicCache):
             layer.keep_rows(rows)
 
 
-def _prefix_tensors(prefix: DynamicCache, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def prefix_tensors(prefix: DynamicCache, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Layer ``index``'s keys and values in a prefix cache; None past its last layer."""
     if index >= len(prefix.layers):
         return None, None
     layer = prefix.layers[index]

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from .batch import SharedPrefixBatch, UnsupportedAttention, _prefix_tensors, supports_shared_prefix
+from .batch import SharedPrefixBatch, UnsupportedAttention, prefix_tensors, supports_shared_prefix
 from .kvcache import cache_from_layers, crop_to
 from .model import LoadedModel, forward
 from .prefill import DEFAULT_CHUNK_SIZE, prefill
@@ -246,7 +246,7 @@ class Decoder:
         for i in range(self.lm.num_layers):
             if self._shared:
                 keys, values = (t[:, :, :tokens] for t in self._batch.suffix(i, index))
-                prefix_keys, prefix_values = _prefix_tensors(self.cache, i)
+                prefix_keys, prefix_values = prefix_tensors(self.cache, i)
                 if prefix_keys is not None:
                     keys = torch.cat([prefix_keys.to(keys.dtype), keys], dim=-2)
                     values = torch.cat([prefix_values.to(values.dtype), values], dim=-2)

@@ -295,7 +295,7 @@ def build(
         from .stores import validate_name
 
         validate_name(name)
-    documents = _as_documents(inputs, stdin)
+    documents = as_documents(inputs, stdin)
     lm = resolve_model(model, home, quantize)
     ids = PromptBuilder(lm.tokenizer).context_ids(documents, lm.max_context)
     store = open_store(home, store)
@@ -345,7 +345,7 @@ def store_context(
     return KnowledgeBase(lm, store, entry, cache=in_memory, context_ids=ids)
 
 
-def _as_documents(inputs: Sequence, stdin: TextIO | None) -> list[Document]:
+def as_documents(inputs: Sequence, stdin: TextIO | None) -> list[Document]:
     """Documents given as such are taken as they are; anything else is a path, glob or '-'."""
     if inputs and all(isinstance(item, Document) for item in inputs):
         return list(inputs)

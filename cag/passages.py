@@ -46,7 +46,7 @@ from .documents import Document
 from .errors import CacheMismatchError, CacheNotFoundError, ContextTooLongError, InvalidNameError, PassageError
 from .generate import generate
 from .hashing import chain_seed, sequence_key
-from .knowledge import Answer, KnowledgeBase, _as_documents, open_store, resolve_model
+from .knowledge import Answer, KnowledgeBase, as_documents, open_store, resolve_model
 from .kvcache import CacheMetadata, cache_from_layers, check_kv_dtype, crop_to, now_iso
 from .model import LoadedModel
 from .prefill import DEFAULT_CHUNK_SIZE, ProgressCallback, prefill
@@ -320,7 +320,7 @@ def build_passages(
     _check_name(name)
     if passage_tokens < 16:
         raise PassageError(f"passages of {passage_tokens} tokens are too short: use --passage-tokens 16 or more")
-    documents = _as_documents(inputs, stdin)
+    documents = as_documents(inputs, stdin)
     lm = resolve_model(model, home, quantize)
     rotary_of(lm)  # refused here, before any prefill, if its positions cannot be re-rotated exactly
     store = open_store(home, store)

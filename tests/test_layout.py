@@ -84,3 +84,12 @@ def test_every_relative_import_names_a_module_of_the_project():
                     base = base.rpartition(".")[0]
                 target = f"{base}.{node.module}" if node.module else base
                 assert target in known, f"{name} line {node.lineno}: no module {target}"
+
+
+def test_no_private_name_is_imported_from_another_module():
+    modules = _modules()
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("cag")):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{name} line {node.lineno} imports {private} from {node.module}"
