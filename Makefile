@@ -46,9 +46,9 @@ test: install redis-server $(OLDEST_STAMP)
 	$(PY) -m pytest -q
 	$(OLDEST_VENV)/bin/python -m pytest -q -m "not integration"
 
-# The unit tests only (tiny random-weight models, loopback servers; under two minutes): for working locally.
+# The unit tests only (tiny random-weight models, no server processes; under a minute): for working locally.
 test-fast: install redis-server
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m "not integration and not services"
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) *.egg-info .pytest_cache

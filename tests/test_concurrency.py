@@ -14,6 +14,8 @@ from cag.hashing import chain_seed, sequence_key
 from cag.kvcache import CacheMetadata, cache_from_layers
 from cag.stores import LocalStore
 
+pytestmark = pytest.mark.services
+
 PROCESSES = 4
 SPAWN = multiprocessing.get_context("spawn")
 FP = "f" * 64

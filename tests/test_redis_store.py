@@ -33,6 +33,8 @@ from cag.stores import RedisStore, open_store
 from redis_servers import RedisCluster, RedisServer, free_port
 from test_store import fake_cache, meta, put_fake
 
+pytestmark = pytest.mark.services
+
 FP = "f" * 64
 runner = CliRunner()
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cag.measure.serve import main, run_serve_bench
+
+pytestmark = pytest.mark.services
 
 
 def test_serve_bench_reports_cold_cached_restart_and_clients(tiny_dir, tmp_path):

@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 
 from cag.cli.main import app
 
+pytestmark = pytest.mark.services
+
 LONG_SYSTEM = "You are the archivist of the Tarrow warehouse. " + "Shelf rules: keep aisles clear and label every crate. " * 12
 QUESTIONS = ["Who approves travel?", "Where are badges issued?", "What is the refund policy?", "When is the desk open?"]
 TIMEOUT = 120  # seconds for any one request: generous on a loaded machine, never a speed check
