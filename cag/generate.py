@@ -142,12 +142,16 @@ class Decoder:
     tips either way); sampled rows draw from generators of their own.
 
     ``extend`` (one row only) leaves the prompt and answer tokens (all but the last) in
-    ``cache``; otherwise ``cache`` is left exactly as it was.
+    ``cache``; otherwise ``cache`` is left exactly as it was. ``before_first_token`` is
+    called once, after the first prompt's prefill and before its first token is counted
+    or picked: where a restored cache's background check (``PendingCheck.wait``) is awaited.
     """
 
     def __init__(self, lm: LoadedModel, cache: DynamicCache, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 extend: bool = False, shared: bool | None = None) -> None:
+                 extend: bool = False, shared: bool | None = None,
+                 before_first_token: Callable[[], object] | None = None) -> None:
         self.lm = lm
+        self._before_first_token = before_first_token
         self.cache = cache
         self.chunk_size = chunk_size
         self.extend = extend
@@ -279,6 +283,9 @@ class Decoder:
         self._prefilled([row], logits[None])
 
     def _prefilled(self, rows: list[Row], logits: torch.Tensor) -> None:
+        if self._before_first_token is not None:
+            wait, self._before_first_token = self._before_first_token, None
+            wait()
         done = time.perf_counter()
         for row in rows:
             row.prefill_s = done - row.started
@@ -351,6 +358,7 @@ def generate(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     extend_cache: bool = True,
     top_p: float = 1.0,
+    before_first_token: Callable[[], object] | None = None,
 ) -> Generation:
     """Feed ``input_ids`` after the cache's tokens, then decode until EOS or ``max_new_tokens``.
 
@@ -358,10 +366,11 @@ def generate(
     With ``extend_cache`` the cache grows by the prompt and answer tokens (all but the
     last) and the caller crops it back; with ``extend_cache=False`` it is left exactly as
     it was, which is what answering many questions against one context wants.
+    ``before_first_token``: see ``Decoder``.
     """
     if not input_ids:
         raise ValueError("generate needs at least one prompt token")
-    decoder = Decoder(lm, cache, chunk_size=chunk_size, extend=extend_cache)
+    decoder = Decoder(lm, cache, chunk_size=chunk_size, extend=extend_cache, before_first_token=before_first_token)
     try:
         [row] = decoder.add([input_ids], [max_new_tokens], Sampling(temperature, top_p, seed), [on_text])
         decoder.run()
@@ -381,6 +390,7 @@ def generate_batch(
     seed: int | None = 0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     top_p: float = 1.0,
+    before_first_token: Callable[[], object] | None = None,
 ) -> list[Generation]:
     """Continue ``cache`` with each prompt, all in one batch; ``cache`` is left as it was.
 
@@ -397,7 +407,7 @@ def generate_batch(
         raise ValueError(f"{len(limits)} limits for {len(prompts)} prompts")
     if not prompts:
         return []
-    decoder = Decoder(lm, cache, chunk_size=chunk_size)
+    decoder = Decoder(lm, cache, chunk_size=chunk_size, before_first_token=before_first_token)
     try:
         rows = decoder.add(prompts, limits, Sampling(temperature, top_p, seed))
         decoder.run()

@@ -14,7 +14,7 @@ from .batch import supports_shared_prefix
 from .documents import Document, load_documents
 from .errors import CacheMismatchError, ContextTooLongError, ModelError
 from .generate import Generation, generate, generate_batch
-from .kvcache import CacheMetadata, check_kv_dtype, now_iso
+from .kvcache import CacheMetadata, PendingCheck, check_kv_dtype, now_iso
 from .model import LoadedModel, split_quantize, load_model
 from .prefill import DEFAULT_CHUNK_SIZE, ProgressCallback, prefill
 from .prompt import PromptBuilder
@@ -113,6 +113,7 @@ class KnowledgeBase:
         self.restore_s = 0.0
         self.bytes_read = 0
         self._unbilled_restore_s = 0.0
+        self._pending: PendingCheck | None = None
 
     @property
     def name(self) -> str | None:
@@ -132,22 +133,39 @@ class KnowledgeBase:
 
     @property
     def cache(self) -> DynamicCache:
-        """The context cache in memory, restored from the store on first use."""
-        if self._cache is None:
-            self.restore()
+        """The context cache in memory, restored from the store (and checked) on first use."""
+        self.restore()
         return self._cache
 
     def restore(self) -> float:
-        """Load the context cache from the store now (otherwise the first question does); returns seconds.
+        """Load and check the context cache now (otherwise the first question does); returns seconds.
 
         The restore time is added to the next cached answer's time to first token.
         """
+        self._restore(check_later=False)
+        self._checked()
+        return self.restore_s
+
+    def _restore(self, check_later: bool) -> None:
+        """Restore if not in memory; with ``check_later`` the store may check the data in the
+        background while the first question is prefilled (``_checked`` waits for it)."""
         if self._cache is None:
-            restored = self.store.restore(self.entry, self.boundary, device=self.lm.device, dtype=self._restore_dtype())
-            self._cache, self._context_ids = restored.cache, restored.token_ids
+            restored = self.store.restore(self.entry, self.boundary, device=self.lm.device, dtype=self._restore_dtype(),
+                                          check_later=check_later)
+            self._cache, self._context_ids, self._pending = restored.cache, restored.token_ids, restored.pending
             self.restore_s, self.bytes_read = restored.seconds, restored.bytes_read
             self._unbilled_restore_s = restored.seconds
-        return self.restore_s
+
+    def _checked(self) -> None:
+        """Wait for a background check of the restored cache; a failed one drops the cache and raises."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        try:
+            self.restore_s = pending.wait()
+        except BaseException:
+            self._cache = None
+            raise
 
     def _restore_dtype(self) -> torch.dtype | None:
         """The model's dtype, or None (as stored) for a bfloat16 cache the shared-prefix
@@ -178,7 +196,8 @@ class KnowledgeBase:
         start = time.perf_counter()
         question_ids, room = self._question(question)
         if use_cache:
-            cache = self.cache
+            self._restore(check_later=True)
+            cache = self._cache
             offset, self._unbilled_restore_s = self._unbilled_restore_s, 0.0
         else:
             cache = prefill(self.lm, self.context_ids).cache
@@ -186,7 +205,7 @@ class KnowledgeBase:
         gen_start = time.perf_counter()
         gen = generate(
             self.lm, cache, question_ids, max_new_tokens=min(max_new_tokens, room), temperature=temperature, seed=seed,
-            on_text=on_text, extend_cache=False,
+            on_text=on_text, extend_cache=False, before_first_token=self._checked if use_cache else None,
         )
         ttft = (offset if use_cache else gen_start - start) + gen.prefill_s
         return self._answer(question, question_ids, gen, use_cache, ttft, time.perf_counter() - start)
@@ -222,12 +241,14 @@ class KnowledgeBase:
         for begin in range(0, len(order), batch_size):
             chunk = order[begin : begin + batch_size]
             start = time.perf_counter()
-            cache = self.cache
+            self._restore(check_later=True)
+            cache = self._cache
             offset, self._unbilled_restore_s = self._unbilled_restore_s, 0.0
             gen_start = time.perf_counter()
             gens = generate_batch(
                 self.lm, cache, [prepared[i][0] for i in chunk],
                 max_new_tokens=[min(max_new_tokens, prepared[i][1]) for i in chunk], temperature=temperature, seed=seed,
+                before_first_token=self._checked,
             )
             for i, gen in zip(chunk, gens):
                 answers[i] = self._answer(questions[i], prepared[i][0], gen, True, offset + gen.prefill_s,

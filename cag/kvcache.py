@@ -52,11 +52,12 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -77,6 +78,7 @@ __all__ = [
     "KV_DTYPES",
     "INT8_KEY_GROUP_TOKENS",
     "CacheMetadata",
+    "PendingCheck",
     "RestoredCache",
     "check_kv_dtype",
     "save_cache",
@@ -160,6 +162,45 @@ class CacheMetadata:
             raise CorruptCacheError(f"{path}: cache header lacks or garbles {exc}") from exc
 
 
+class PendingCheck:
+    """A restored cache's block checksums, read and checked by a background thread.
+
+    The cache's tensors are usable at once (views into the file's mapping), so a question
+    can be prefilled while the pages are read from disk and checked; ``wait`` must return
+    before anything computed from them is shown or stored. It raises CorruptCacheError
+    (through ``guard``, which a store sets to quarantine the file) if the check failed.
+    """
+
+    def __init__(self, work: Callable[[], None], started: float) -> None:
+        self.started = started
+        self.finished: float | None = None  # perf_counter() when the check ended
+        self.guard: Callable[[Callable[[], None]], None] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name="cag-cache-check", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self._error = exc
+        finally:
+            self.finished = time.perf_counter()
+
+    def _join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def wait(self) -> float:
+        """Block until the check ends; returns the restore's seconds, from its start to the check's end."""
+        if self.guard is not None:
+            self.guard(self._join)
+        else:
+            self._join()
+        return (self.finished or time.perf_counter()) - self.started
+
+
 @dataclass
 class RestoredCache:
     cache: DynamicCache
@@ -168,6 +209,7 @@ class RestoredCache:
     bytes_read: int
     seconds: float
     zero_copy: bool = False  # the KV tensors are views into a private mapping of the file
+    pending: PendingCheck | None = None  # set when the checksums are being checked in the background
 
 
 @dataclass(frozen=True)
@@ -361,6 +403,7 @@ def load_cache(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    check_later: bool = False,
 ) -> RestoredCache:
     """Restore the first ``tokens`` tokens (all if None) of a cache file, in ``dtype`` on ``device``.
 
@@ -376,6 +419,11 @@ def load_cache(
     device rule): one pass from the file into memory the caller already holds, the
     fastest restore when a cache's buffers are reused question after question. The
     returned cache then holds views of their first ``tokens`` tokens.
+
+    ``check_later`` (zero-copy restores only; others check at once) returns before the
+    file's pages are read: a background thread reads them and checks the block
+    checksums, and the result's ``pending`` must be waited on before the cache's
+    contents are used for output. A cold restore then overlaps the question's prefill.
     """
     start = time.perf_counter()
     path = Path(path)
@@ -393,19 +441,29 @@ def load_cache(
     ids_info = header.tensors["token_ids"]
     ranges = [r for name in names for r in _head_ranges(header.tensors[name], -(-span // groups[name]))]
     ranges.append((ids_info.begin, ids_info.end))
+    target = torch.device(device)
+    stored = _FLOAT_KV.get(meta.kv_dtype)
+    views_suffice = out is None and stored is not None and target.type == "cpu" and dtype in (None, stored)
     with open(path, "rb", buffering=0) as f:
-        data = _FileData(f, header.file_size, ranges, path)
+        data = _FileData(f, header.file_size, ranges, path, populate=not (check_later and views_suffice))
+        zero_copy = views_suffice and data.mapped
+        later = check_later and zero_copy
     read = header.size + sum(end - begin for begin, end in ranges)
 
     _check_token_crc(data.bytes[ids_info.begin : ids_info.end], header, path)
     ids = _tensor_view(data, ids_info)[:n].tolist()
-    crc_parts = [_crc_part(data, header.tensors[name], groups[name]) for name in names]
-    _check_block_crcs(_in_crc_order(crc_parts, meta.num_layers, layout.parts), header, meta, layout, span, path)
+    crc_parts = _in_crc_order([_crc_part(data, header.tensors[name], groups[name]) for name in names], meta.num_layers, layout.parts)
+    pending = None
+    if later:
+        def check() -> None:
+            _prefetch(path, ranges[:-1])
+            _check_block_crcs(crc_parts, header, meta, layout, span, path)
+
+        pending = PendingCheck(check, start)
+    else:
+        _check_block_crcs(crc_parts, header, meta, layout, span, path)
 
     views = {name: _tensor_view(data, header.tensors[name]) for name in names}
-    target = torch.device(device)
-    stored = _FLOAT_KV.get(meta.kv_dtype)
-    zero_copy = out is None and stored is not None and data.mapped and target.type == "cpu" and dtype in (None, stored)
     layers = [
         _restore_layer(views, i, n, layout.group, stored, target, dtype, out[i] if out is not None else None, zero_copy)
         for i in range(meta.num_layers)
@@ -417,6 +475,7 @@ def load_cache(
         bytes_read=read,
         seconds=time.perf_counter() - start,
         zero_copy=zero_copy,
+        pending=pending,
     )
 
 
@@ -547,13 +606,14 @@ class _FileData:
     Elsewhere, a buffer the size of the file into which only the needed ranges are read.
     """
 
-    def __init__(self, f, size: int, ranges: Sequence[tuple[int, int]], path: Path) -> None:
+    def __init__(self, f, size: int, ranges: Sequence[tuple[int, int]], path: Path, populate: bool = True) -> None:
         mapping = _map(f)
         if mapping is not None and len(mapping) < size:
             raise CorruptCacheError(f"{path}: file shrank while being read; it is truncated or being rewritten")
         self.mapped = mapping is not None
         if mapping is not None:
-            _populate(mapping, ranges)
+            if populate:
+                _populate(mapping, ranges)
             self.tensor = torch.frombuffer(mapping, dtype=torch.uint8)
             self.bytes = memoryview(mapping)
         else:
@@ -584,6 +644,39 @@ def _populate(mapping: mmap.mmap, ranges: Sequence[tuple[int, int]]) -> None:
             mapping.madvise(_MADV_POPULATE_READ, aligned, end - aligned)
         except (AttributeError, OSError, ValueError):
             return  # an older kernel: the pages fault in as they are read
+
+
+_PREFETCH_BYTES = 8 << 20  # Linux reads ahead this much of one advice at most
+
+
+def _prefetch(path: Path, ranges: Sequence[tuple[int, int]]) -> None:
+    """Have the kernel read the ranges into the page cache, in the order given (layer by layer,
+    the order a forward pass touches them). The advice releases the GIL, unlike an madvise
+    through ``mmap``, so the thread computing meanwhile is not held up. Only a hint: if the
+    file was replaced meanwhile, the mapping still reads the old one, page by page."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        for begin, end in _merged_in_order(ranges):
+            for at in range(begin, end, _PREFETCH_BYTES):
+                os.posix_fadvise(fd, at, min(_PREFETCH_BYTES, end - at), os.POSIX_FADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass  # no advice here: the check's own reads fault the pages in
+    finally:
+        os.close(fd)
+
+
+def _merged_in_order(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent ranges joined, keeping their order."""
+    out: list[tuple[int, int]] = []
+    for begin, end in ranges:
+        if out and begin == out[-1][1]:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((begin, end))
+    return out
 
 
 def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

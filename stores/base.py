@@ -64,8 +64,14 @@ class CacheStore(Protocol):
         CacheNotFoundError if none; InvalidNameError if ``name_or_key`` could not be a name.
         """
 
-    def restore(self, entry: Entry, tokens: int | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> RestoredCache:
-        """Load the first ``tokens`` tokens of an entry; a corrupt entry is quarantined and refused."""
+    def restore(self, entry: Entry, tokens: int | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                check_later: bool = False) -> RestoredCache:
+        """Load the first ``tokens`` tokens of an entry; a corrupt entry is quarantined and refused.
+
+        ``check_later`` allows (never requires) returning before the data is read and
+        checked: the result's ``pending`` is then set, and its ``wait()`` raises (after the
+        quarantine) if the check fails. A store that always checks at once ignores it.
+        """
 
     def token_ids(self, entry: Entry) -> list[int]:
         """The token ids an entry holds."""

@@ -300,10 +300,15 @@ class LocalStore:
     def token_ids(self, entry: Entry) -> list[int]:
         return self._guarded(entry, lambda path: read_token_ids(path))
 
-    def restore(self, entry: Entry, tokens: int | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> RestoredCache:
+    def restore(self, entry: Entry, tokens: int | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                check_later: bool = False) -> RestoredCache:
         def read(path: Path) -> RestoredCache:
-            restored = load_cache(path, tokens, device=device, dtype=dtype)
+            restored = load_cache(path, tokens, device=device, dtype=dtype, check_later=check_later)
             check_matches_entry(restored.metadata, entry, path)
+            if restored.pending is not None:
+                seen = _file_id(path)
+                # A failed background check quarantines the file as a failed restore would.
+                restored.pending.guard = lambda wait: self._guarded(entry, lambda _: wait(), seen=seen)
             return restored
 
         restored = self._guarded(entry, read)
@@ -494,11 +499,13 @@ class LocalStore:
     def _complete(self, key: str) -> bool:
         return self._row(key) is not None and self._path(key).is_file()
 
-    def _guarded(self, entry: Entry, read: Callable[[Path], _T]) -> _T:
-        """Run a read of an entry's file; a missing file drops the row, a corrupt one is quarantined."""
+    def _guarded(self, entry: Entry, read: Callable[[Path], _T], seen: tuple | None = None) -> _T:
+        """Run a read of an entry's file; a missing file drops the row, a corrupt one is quarantined.
+
+        ``seen``: the file's identity when it was opened, if that was earlier (a background check)."""
         path = self._path(entry.key)
         label = entry.names[0] if entry.names else entry.key[:12]
-        seen = _file_id(path)
+        seen = _file_id(path) if seen is None else seen
         try:
             return read(path)
         except CacheNotFoundError as exc:

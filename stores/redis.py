@@ -439,7 +439,9 @@ class RedisStore:
             return np.frombuffer(raw, dtype="<i8").tolist()
 
     def restore(self, entry: Entry, tokens: int | None = None, *, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None) -> RestoredCache:
+                dtype: torch.dtype | None = None, check_later: bool = False) -> RestoredCache:
+        # check_later is not taken: a damaged local copy is fetched again from Redis, which
+        # only a check before returning can do.
         n = entry.tokens if tokens is None else tokens
         if not 0 < n <= entry.tokens:
             raise ValueError(f"cannot restore {n} tokens from a cache of {entry.tokens}")

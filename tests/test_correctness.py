@@ -85,3 +85,33 @@ def test_crop_to_removes_only_the_tail(tiny):
     crop_to(cache, 20)
     assert cache.get_seq_length() == 20
     assert torch.equal(cache.layers[0].keys, keys[:, :, :20])
+
+
+def test_a_damaged_cache_is_refused_before_the_first_token_of_an_answer(tiny, docs, home):
+    """The first question restores the cache and checks it while its prompt is prefilled; a
+    failed check raises before any text, and the cache is not kept."""
+    import pytest
+
+    from cag.errors import CorruptCacheError
+
+    built = cag.build([docs], name="kb", model=tiny, home=home)
+    path = home / "store" / "entries" / f"{built.key}.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-64] ^= 0x10  # inside the last layer's values
+    path.write_bytes(bytes(raw))
+    kb = cag.load("kb", model=tiny, home=home)
+    texts: list[str] = []
+    with pytest.raises(CorruptCacheError, match="checksum"):
+        kb.ask("Who approves refunds?", max_new_tokens=4, on_text=texts.append)
+    assert texts == [] and kb._cache is None
+    assert not path.exists()  # quarantined
+
+
+def test_first_answer_after_a_restore_checked_later_equals_one_checked_at_once(tiny, docs, home):
+    built = cag.build([docs], name="kb", model=tiny, home=home)
+    later = cag.load(built.key, model=tiny, home=home)
+    first = later.ask("Who approves refunds?", max_new_tokens=8)
+    assert later.restore_s > 0 and first.ttft_s >= later._unbilled_restore_s
+    now = cag.load(built.key, model=tiny, home=home)
+    now.restore()
+    assert now.ask("Who approves refunds?", max_new_tokens=8).token_ids == first.token_ids

@@ -134,6 +134,38 @@ def test_flipped_byte_is_refused_on_restore(store, two, where):
     assert_still_usable(store, keep, victim.key)
 
 
+def test_a_restore_checked_later_is_refused_when_waited_on_and_quarantined(store, two):
+    keep, victim = two
+    path = file_of(store, victim)
+    begin, _ = tensor_span(path, "layers.1.values")
+    flip(path, begin + 10)
+    restored = store.restore(victim, 100, check_later=True)  # returns before the pages are checked
+    assert restored.pending is not None and restored.zero_copy
+    with pytest.raises(CorruptCacheError, match="checksum") as info:
+        restored.pending.wait()
+    assert "victim" in str(info.value) and "quarantine" in str(info.value)
+    assert not path.exists() and len(quarantined(store)) == 1
+    assert_still_usable(store, keep, victim.key)
+
+
+def test_a_restore_checked_later_gives_the_same_cache(store, two):
+    _, victim = two
+    now = store.restore(victim, 300)
+    later = store.restore(victim, 300, check_later=True)
+    assert later.pending.wait() >= 0 and later.token_ids == now.token_ids
+    for a, b in zip(now.cache.layers, later.cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_a_restore_that_converts_is_checked_at_once(store, two):
+    _, victim = two
+    path = file_of(store, victim)
+    begin, _ = tensor_span(path, "layers.0.keys")
+    flip(path, begin + 4)
+    with pytest.raises(CorruptCacheError, match="checksum"):
+        store.restore(victim, 100, dtype=torch.float64, check_later=True)  # a copy is made: no pending check
+
+
 def test_flip_outside_a_truncated_restore_is_caught_by_verify(store, two):
     """A prefix restore checks only the blocks it reads; verify re-hashes whole files."""
     keep, victim = two
