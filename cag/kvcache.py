@@ -198,7 +198,7 @@ class PendingCheck:
             self.guard(self._join)
         else:
             self._join()
-        return (self.finished or time.perf_counter()) - self.started
+        return self.finished - self.started  # set by the thread before it ends
 
 
 @dataclass
@@ -659,7 +659,7 @@ def _prefetch(path: Path, ranges: Sequence[tuple[int, int]]) -> None:
     except OSError:
         return
     try:
-        for begin, end in _merged_in_order(ranges):
+        for begin, end in _joined(ranges):
             for at in range(begin, end, _PREFETCH_BYTES):
                 os.posix_fadvise(fd, at, min(_PREFETCH_BYTES, end - at), os.POSIX_FADV_WILLNEED)
     except (AttributeError, OSError):
@@ -668,21 +668,15 @@ def _prefetch(path: Path, ranges: Sequence[tuple[int, int]]) -> None:
         os.close(fd)
 
 
-def _merged_in_order(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Adjacent ranges joined, keeping their order."""
+def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    return _joined(sorted(ranges))
+
+
+def _joined(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Neighbouring ranges that touch or overlap joined, keeping their order."""
     out: list[tuple[int, int]] = []
     for begin, end in ranges:
-        if out and begin == out[-1][1]:
-            out[-1] = (out[-1][0], end)
-        else:
-            out.append((begin, end))
-    return out
-
-
-def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for begin, end in sorted(ranges):
-        if out and begin <= out[-1][1]:
+        if out and out[-1][0] <= begin <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], end))
         else:
             out.append((begin, end))
