@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import ModelError
+from .head import use_half_read_head
 from .home import models_dir
 
 __all__ = [
@@ -239,6 +240,7 @@ def _wrap(model: Any, tokenizer: Any, *, name: str, weights_hash: str | None, qu
     if quantize is not None:
         parts.append(f"quantize={_quantize_weights(model, tokenizer, quantize, gguf, home)}".encode())
         name = name if name.endswith(f":{quantize}") else f"{name}:{quantize}"
+    use_half_read_head(model)  # after the fingerprint: the head changes no key or value, so no cache
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

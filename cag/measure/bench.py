@@ -53,6 +53,7 @@ from ..knowledge import KnowledgeBase, load, open_store, store_context
 from ..kvcache import check_kv_dtype
 from ..model import DEFAULT_MODEL, EMBEDDED_NAME, LoadedModel
 from ..generate import generate
+from ..head import HalfReadHead
 from ..prefill import prefill
 from ..prompt import PromptBuilder
 from .peers.llamacpp import LlamaCppPeer, llama_cpp_module
@@ -588,11 +589,16 @@ def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float
 
 def weight_bytes_per_step(model) -> int:
     """Bytes of the weights one decode step reads: every parameter and buffer once, except an
-    input embedding that is not also the output head (a step reads one row of it)."""
+    input embedding that is not also the output head (a step reads one row of it), and the
+    float32 weights of a half-read head (a step reads their float16 copy and a few rows)."""
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
-    seen, total = set(), 0
+    seen: set[int] = set()
+    if isinstance(head, HalfReadHead):
+        tied = False  # the embedding is read a row at a time, like an untied one
+        seen = {head.weight.data_ptr()}
+    total = 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.data_ptr() in seen or (tensor.data_ptr() == embedding.data_ptr() and not tied):
             continue
