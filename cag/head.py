@@ -41,7 +41,10 @@ class HalfReadHead(nn.Module):
         self.weight = weight  # the float32 weights themselves (tied to the embeddings, if they were)
         self.out_features, self.in_features = weight.shape
         self.register_buffer("half_weight", weight.detach().to(torch.float16), persistent=False)
-        self.register_buffer("row_norms", weight.detach().norm(dim=-1), persistent=False)
+        norms = weight.detach().norm(dim=-1)
+        # The bound, slack_j = R |h| |w_j| + A (|h| + |w_j|), is |h| * scale_j + offset_j.
+        self.register_buffer("slack_scale", _RELATIVE_BOUND * norms + _ABSOLUTE_BOUND, persistent=False)
+        self.register_buffer("slack_offset", _ABSOLUTE_BOUND * norms, persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, self.in_features)
@@ -54,8 +57,7 @@ class HalfReadHead(nn.Module):
         if rows.dtype != torch.float32 or not bool(rows.abs().amax() < 6e4):  # float16 holds up to 65,504
             return None
         approx = F.linear(rows.to(torch.float16), self.half_weight).float()
-        norms = rows.norm(dim=-1, keepdim=True)
-        slack = _RELATIVE_BOUND * norms * self.row_norms + _ABSOLUTE_BOUND * (norms + self.row_norms)
+        slack = torch.addcmul(self.slack_offset, rows.norm(dim=-1, keepdim=True), self.slack_scale)
         floor = (approx - slack).amax(dim=-1, keepdim=True)
         candidates = ((approx + slack) >= floor).any(dim=0).nonzero().squeeze(1)
         if not bool(torch.isfinite(floor).all()) or candidates.numel() > _MAX_CANDIDATES:
@@ -98,5 +100,5 @@ def _keeps_bound(head: HalfReadHead, samples: int = 8) -> bool:
         rows = head.weight[::step][:samples].detach() * 8.0  # hidden states are larger than weight rows
         approx = F.linear(rows.to(torch.float16), head.half_weight).float()
         exact = F.linear(rows, head.weight)
-        bound = rows.norm(dim=-1, keepdim=True) * head.row_norms
+        bound = rows.norm(dim=-1, keepdim=True) * head.weight.norm(dim=-1)
         return bool(((approx - exact).abs() <= 0.25 * _RELATIVE_BOUND * bound + _ABSOLUTE_BOUND).all())

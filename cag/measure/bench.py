@@ -591,16 +591,15 @@ def weight_bytes_per_step(model) -> int:
     """Bytes of the weights one decode step reads: every parameter and buffer once, except an
     input embedding that is not also the output head (a step reads one row of it), and the
     float32 weights of a half-read head (a step reads their float16 copy and a few rows)."""
-    embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
-    seen: set[int] = set()
+    rows_only = {model.get_input_embeddings().weight.data_ptr()}  # a step reads a row of these
     if isinstance(head, HalfReadHead):
-        tied = False  # the embedding is read a row at a time, like an untied one
-        seen = {head.weight.data_ptr()}
-    total = 0
+        rows_only.add(head.weight.data_ptr())
+    elif head is not None:
+        rows_only.discard(head.weight.data_ptr())  # a plain head reads all of its weights, tied or not
+    seen, total = set(rows_only), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.data_ptr() in seen or (tensor.data_ptr() == embedding.data_ptr() and not tied):
+        if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
