@@ -1,0 +1,106 @@
+/* Prefix attention's two products, as loops that stream each context row once.
+ *
+ * scores:   out[h, m, n] = dot(q[h, m, :], k[h, n, :])
+ * weighted: out[h, m, :] = sum over n, in order, of w[h, m, n] * v[h, n, :]
+ *
+ * float32, head dim a multiple of 16, last dimension contiguous, other strides given.
+ * Every output element is summed in one order that depends on neither the number of
+ * rows nor the number of threads. Compiled with -march=native by cag.attention_kernels;
+ * without AVX-512 the library reports itself unavailable and cag uses torch's matmul.
+ */
+#include <immintrin.h>
+
+int cag_available(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512F__)
+/* Up to 4 query rows against keys n0..n1 of one head: each key row is loaded once for all rows. */
+static inline __attribute__((always_inline)) void scores_rows(const float *q, int D, const float *k, long k_ns,
+                                                              float *out, long o_ms, int n0, int n1, const int rows) {
+    for (int n = n0; n < n1; n++) {
+        const float *kr = k + n * k_ns;
+        __m512 acc[4];
+        for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+        for (int c = 0; c < D; c += 16) {
+            __m512 kv = _mm512_loadu_ps(kr + c);
+            for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + c), kv, acc[r]);
+        }
+        for (int r = 0; r < rows; r++) out[r * o_ms + n] = _mm512_reduce_add_ps(acc[r]);
+    }
+}
+
+/* Up to 4 rows and up to 64 columns of the output: 16 accumulators stay in registers over all n. */
+static inline __attribute__((always_inline)) void weighted_block(const float *w, long w_ms, const float *v, long v_ns,
+                                                                 int N, float *out, long o_ms, const int rows,
+                                                                 const int chunks) {
+    __m512 acc[4][4];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < chunks; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int n = 0; n < N; n++) {
+        const float *vr = v + n * v_ns;
+        __m512 vv[4];
+        for (int c = 0; c < chunks; c++) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+        for (int r = 0; r < rows; r++) {
+            __m512 wv = _mm512_set1_ps(w[r * w_ms + n]);
+            for (int c = 0; c < chunks; c++) acc[r][c] = _mm512_fmadd_ps(wv, vv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + r * o_ms + 16 * c, acc[r][c]);
+}
+#endif
+
+void cag_scores(const float *q, const float *k, float *out, int H, int M, int N, int D, long k_hs, long k_ns,
+                long o_hs, long o_ms, int threads) {
+#if defined(__AVX512F__)
+    const int block = 256; /* 256 keys of 64 floats: 64 KB, reread from L2 by every group of 4 rows */
+    int blocks = (N + block - 1) / block;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int h = 0; h < H; h++)
+        for (int b = 0; b < blocks; b++) {
+            int n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
+            for (int m0 = 0; m0 < M; m0 += 4) {
+                const float *qb = q + ((long)h * M + m0) * D, *kb = k + h * k_hs;
+                float *ob = out + h * o_hs + m0 * o_ms;
+                switch (M - m0 < 4 ? M - m0 : 4) {
+                case 1: scores_rows(qb, D, kb, k_ns, ob, o_ms, n0, n1, 1); break;
+                case 2: scores_rows(qb, D, kb, k_ns, ob, o_ms, n0, n1, 2); break;
+                case 3: scores_rows(qb, D, kb, k_ns, ob, o_ms, n0, n1, 3); break;
+                default: scores_rows(qb, D, kb, k_ns, ob, o_ms, n0, n1, 4); break;
+                }
+            }
+        }
+#endif
+}
+
+void cag_weighted(const float *w, const float *v, float *out, int H, int M, int N, int D, long w_hs, long w_ms,
+                  long v_hs, long v_ns, long o_hs, long o_ms, int threads) {
+#if defined(__AVX512F__)
+    int row_blocks = (M + 3) / 4, column_blocks = (D + 63) / 64;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(3)
+    for (int h = 0; h < H; h++)
+        for (int rb = 0; rb < row_blocks; rb++)
+            for (int cb = 0; cb < column_blocks; cb++) {
+                int m0 = rb * 4, rows = M - m0 < 4 ? M - m0 : 4;
+                int d0 = cb * 64, chunks = (D - d0 < 64 ? D - d0 : 64) / 16;
+                const float *wb = w + h * w_hs + m0 * w_ms, *vb = v + h * v_hs + d0;
+                float *ob = out + h * o_hs + m0 * o_ms + d0;
+#define BLOCK(R, C) weighted_block(wb, w_ms, vb, v_ns, N, ob, o_ms, R, C)
+#define ROWS(R) switch (chunks) { case 1: BLOCK(R, 1); break; case 2: BLOCK(R, 2); break; \
+                                  case 3: BLOCK(R, 3); break; default: BLOCK(R, 4); }
+                switch (rows) {
+                case 1: ROWS(1); break;
+                case 2: ROWS(2); break;
+                case 3: ROWS(3); break;
+                default: ROWS(4); break;
+                }
+#undef ROWS
+#undef BLOCK
+            }
+#endif
+}
