@@ -32,7 +32,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from . import attention_kernels
+from . import cpu_kernels
 from .model import LoadedModel, forward
 
 __all__ = [
@@ -265,7 +265,7 @@ def _attend(query, key, value, mask, prefix_keys, prefix_values, scale) -> torch
         scores.masked_fill_(~folded, float("-inf"))
     if prefix_keys is None:
         out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(value.dtype), value)
-    elif attention_kernels.usable(q, prefix_keys, prefix_values, value):
+    elif cpu_kernels.usable(q, prefix_keys, prefix_values, value):
         out = _attend_prefix_kernels(q, scores, value, prefix_keys[0], prefix_values[0])
     else:
         n = prefix_keys.shape[-2]
@@ -282,16 +282,16 @@ def _attend(query, key, value, mask, prefix_keys, prefix_values, scale) -> torch
 
 
 def _attend_prefix_kernels(q, scores, value, prefix_keys, prefix_values) -> torch.Tensor:
-    """``_attend``'s prefix branch through ``attention_kernels``: the prefix scores are written
+    """``_attend``'s prefix branch through ``cpu_kernels``: the prefix scores are written
     straight into the buffer the softmax reads, and the weights are read where they lie."""
     batch, kv_heads, rows, dim = q.shape
     n, s = prefix_keys.shape[-2], scores.shape[-1]
     both = torch.empty(kv_heads, batch * rows, n + s)
-    attention_kernels.prefix_scores(q.transpose(0, 1).reshape(kv_heads, batch * rows, dim), prefix_keys, both)
+    cpu_kernels.prefix_scores(q.transpose(0, 1).reshape(kv_heads, batch * rows, dim), prefix_keys, both)
     both[..., n:].unflatten(1, (batch, rows)).copy_(scores.transpose(0, 1))
     weights = torch.softmax(both, dim=-1)
     prefix_out = torch.empty(kv_heads, batch * rows, prefix_values.shape[-1])
-    attention_kernels.weighted_values(weights[..., :n], prefix_values, prefix_out)
+    cpu_kernels.weighted_values(weights[..., :n], prefix_values, prefix_out)
     out = torch.matmul(weights[..., n:].unflatten(1, (batch, rows)).transpose(0, 1), value)
     return out.add_(prefix_out.unflatten(1, (batch, rows)).transpose(0, 1))
 

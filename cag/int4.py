@@ -12,28 +12,18 @@ reports how often), never between a restored cache and a full prefill of this mo
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import ModelError
+from .gguf_blocks import GROUP, keep_tensors, kept_tensors, linear_blocks, split_blocks
 
-__all__ = ["GROUP", "Int4Linear", "q4_1_blocks", "use_gguf_int4"]
+__all__ = ["Int4Linear", "use_gguf_int4"]
 
-GROUP = 32  # weights per Q4_1 block, and per group of the int4 kernel
-_BLOCK_BYTES = 20  # float16 d, float16 m, 16 bytes of nibbles
 _INNER_K_TILES = 2
-# GGUF tensor names of a llama block's linear layers -> the transformers module inside the block.
-_LINEARS = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 
 
 class Int4Linear(nn.Module):
@@ -77,25 +67,6 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
 
 
-def q4_1_blocks(tensor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A GGUF Q4_1 tensor's codes [out, in] (uint8, 0..15) and its d, m [out, in / 32] (float16)."""
-    raw = np.asarray(tensor.data, dtype=np.uint8)
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, _BLOCK_BYTES)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
-    nibbles = blocks[..., 4:]
-    # ggml's Q4_1: byte j holds weight j in its low nibble and weight j + 16 in its high one.
-    codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, -1)
-    return torch.from_numpy(codes), torch.from_numpy(d.copy()), torch.from_numpy(m.copy())
-
-
-def _unpermute_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's rotary row order for q and k (transformers' GGUF loader does the same)."""
-    dim = x.shape[0] // heads // 2
-    return x.reshape(heads, dim, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
 def use_gguf_int4(model: Any, gguf_path: str | Path, packs: Path | None = None) -> int:
     """Replace the llama model's linear layers by the GGUF's own Q4_1 weights; returns how many.
 
@@ -105,7 +76,7 @@ def use_gguf_int4(model: Any, gguf_path: str | Path, packs: Path | None = None) 
     """
     if next(model.parameters()).device.type != "cpu":
         raise ModelError("int4 weights run on the CPU only: load the model on the CPU")
-    layers = _load_packs(packs) if packs is not None and packs.is_file() else None
+    layers = _load_packs(packs) if packs is not None else None
     if layers is None:
         layers = _layers_from_gguf(model.config, gguf_path)
         if packs is not None:
@@ -128,52 +99,25 @@ def packs_file(folder: Path, gguf_path: str | Path) -> Path:
 
 def _layers_from_gguf(config: Any, gguf_path: str | Path) -> dict[str, Int4Linear]:
     """The GGUF's Q4_1 linear weights, by module name under ``model.model``."""
-    from gguf import GGMLQuantizationType, GGUFReader
-
-    heads = {"attn_q": config.num_attention_heads, "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
-    layers: dict[str, Int4Linear] = {}
-    for tensor in GGUFReader(str(gguf_path)).tensors:
-        parts = tensor.name.split(".")
-        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LINEARS or tensor.tensor_type != GGMLQuantizationType.Q4_1:
-            continue
-        kind = parts[2]
-        codes, d, m = q4_1_blocks(tensor)
-        if kind in heads:
-            codes, d, m = (_unpermute_rows(t, heads[kind]) for t in (codes, d, m))
-        layers[f"layers.{int(parts[1])}.{_LINEARS[kind]}"] = Int4Linear.from_q4_1(codes, d, m)
+    layers = {name: Int4Linear.from_q4_1(*split_blocks(blocks)) for name, blocks in linear_blocks(config, gguf_path)}
     if not layers:
         raise ModelError(f"{gguf_path} holds no Q4_1 linear weights of a llama model: drop --quantize q4")
     return layers
 
 
 def _save_packs(layers: dict[str, Int4Linear], path: Path) -> None:
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{name}.packed"] = layer.packed
         tensors[f"{name}.scales_and_zeros"] = layer.scales_and_zeros
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a cache of work only: without it the next load packs again
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    keep_tensors(tensors, path)
 
 
 def _load_packs(path: Path) -> dict[str, Int4Linear] | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(path)
-    except (OSError, SafetensorError):
+    kept = kept_tensors(path)
+    if kept is None:
         return None  # unreadable: pack again from the GGUF (and replace the file)
+    tensors = kept[0]
     names = sorted({key.rpartition(".")[0] for key in tensors})
     try:
         return {name: Int4Linear.from_packed(tensors[f"{name}.packed"], tensors[f"{name}.scales_and_zeros"]) for name in names}

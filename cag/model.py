@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import ModelError
+from .block_linear import blocks_file, use_block_read_linears
 from .head import use_half_read_head
 from .home import models_dir
 
@@ -204,7 +205,7 @@ def load_model(
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {display!r}: {first_line}") from exc
     model.to(device)
-    gguf = embedded_gguf_path() if quantize == "q4" else None
+    gguf = embedded_gguf_path() if display == EMBEDDED_NAME and dtype == torch.float32 and device.type == "cpu" else None
     return _wrap(model, tokenizer, name=display, weights_hash=_cached_weights_hash(source, model), quantize=quantize,
                  gguf=gguf, home=home)
 
@@ -224,6 +225,8 @@ def wrap_model(
     is that of the full-precision weights plus the quantization, and the name gains a
     ``:int8`` suffix, so caches record (and ``cag.load`` reloads) the quantized model.
     ``quantize="q4"`` takes the 4-bit weights from ``gguf``, the file ``model`` was loaded from.
+    Without ``quantize``, decode steps read ``gguf``'s Q4_1 blocks wherever they are exactly
+    the model's float32 weights (``cag.block_linear``).
     """
     return _wrap(model, tokenizer, name=name, weights_hash=weights_hash, quantize=quantize, gguf=gguf, home=None)
 
@@ -240,7 +243,10 @@ def _wrap(model: Any, tokenizer: Any, *, name: str, weights_hash: str | None, qu
     if quantize is not None:
         parts.append(f"quantize={_quantize_weights(model, tokenizer, quantize, gguf, home)}".encode())
         name = name if name.endswith(f":{quantize}") else f"{name}:{quantize}"
-    use_half_read_head(model)  # after the fingerprint: the head changes no key or value, so no cache
+    # After the fingerprint: these compute the same weights, reading fewer bytes per decode step.
+    if quantize is None and gguf is not None:
+        use_block_read_linears(model, gguf, weights_hash, blocks_file(models_dir(home) / "blocks", gguf))
+    use_half_read_head(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

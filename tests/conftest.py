@@ -11,6 +11,7 @@ import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,44 @@ def rewrite_header(path: Path, edit) -> None:
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+_GGUF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """The rotary row order llama.cpp's converter writes q and k in."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(lm, path):
+    """Write the tiny model's linear layers as a Q4_1 GGUF, and give the model the weights a
+    GGUF loader would: each layer de-quantized from its blocks."""
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    config = lm.model.config
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    writer = GGUFWriter(str(path), "llama")
+    for i, layer in enumerate(lm.model.model.layers):
+        for kind, module in _GGUF_LINEARS.items():
+            linear = layer.get_submodule(module)
+            w = linear.weight.detach().numpy()
+            if kind in heads:
+                w = _llama_cpp_permute(w, heads[kind])
+            blocks = quants.quantize(w, GGMLQuantizationType.Q4_1)
+            writer.add_tensor(f"blk.{i}.{kind}.weight", blocks, raw_shape=blocks.shape, raw_dtype=GGMLQuantizationType.Q4_1)
+            back = quants.dequantize(blocks, GGMLQuantizationType.Q4_1)
+            if kind in heads:
+                back = _unpermute(back, heads[kind])
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -2,55 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import cag
 from cag.errors import ModelError
-from cag.int4 import Int4Linear, q4_1_blocks, use_gguf_int4
+from cag.gguf_blocks import dequantize, linear_blocks, split_blocks
+from cag.int4 import Int4Linear, use_gguf_int4
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, write_tiny_gguf
 
-LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-
-
-def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """The rotary row order llama.cpp's converter writes q and k in."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_of(lm, path):
-    """Write the tiny model's linear layers as a Q4_1 GGUF, and give the model the weights a
-    GGUF loader would: each layer de-quantized from its blocks."""
-    from gguf import GGMLQuantizationType, GGUFWriter, quants
-
-    config = lm.model.config
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    writer = GGUFWriter(str(path), "llama")
-    for i, layer in enumerate(lm.model.model.layers):
-        for kind, module in LINEARS.items():
-            linear = layer.get_submodule(module)
-            w = linear.weight.detach().numpy()
-            if kind in heads:
-                w = _llama_cpp_permute(w, heads[kind])
-            blocks = quants.quantize(w, GGMLQuantizationType.Q4_1)
-            writer.add_tensor(f"blk.{i}.{kind}.weight", blocks, raw_shape=blocks.shape, raw_dtype=GGMLQuantizationType.Q4_1)
-            back = quants.dequantize(blocks, GGMLQuantizationType.Q4_1)
-            if kind in heads:
-                back = _unpermute(back, heads[kind])
-            with torch.no_grad():
-                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def test_int4_linear_computes_the_blocks_weights():
@@ -68,23 +29,19 @@ def test_int4_linear_computes_the_blocks_weights():
 
 
 def test_gguf_blocks_are_the_weights_a_gguf_loader_gives(tmp_path):
-    from gguf import GGUFReader
-
     lm = make_tiny_model(seed=1)
-    path = _gguf_of(lm, tmp_path / "tiny.gguf")
-    heads = {"attn_q": lm.model.config.num_attention_heads, "attn_k": lm.model.config.num_key_value_heads}
-    for tensor in GGUFReader(str(path)).tensors:
-        _, block, kind, _ = tensor.name.split(".")
-        codes, d, m = q4_1_blocks(tensor)
-        weight = (codes.float().view(codes.shape[0], -1, 32) * d.float()[..., None] + m.float()[..., None]).view(codes.shape)
-        if kind in heads:
-            weight = torch.from_numpy(_unpermute(weight.numpy(), heads[kind]))
-        assert torch.equal(weight, lm.model.model.layers[int(block)].get_submodule(LINEARS[kind]).weight), tensor.name
+    path = write_tiny_gguf(lm, tmp_path / "tiny.gguf")
+    found = dict(linear_blocks(lm.model.config, path))
+    assert len(found) == 7 * lm.model.config.num_hidden_layers
+    for name, blocks in found.items():
+        codes, d, m = split_blocks(blocks)
+        assert codes.max() <= 15 and d.dtype == m.dtype == torch.float16
+        assert torch.equal(dequantize(blocks), lm.model.model.get_submodule(name).weight), name
 
 
 def test_q4_model_answers_from_the_cache_as_from_a_full_prefill(tmp_path, home, docs):
     lm = make_tiny_model(seed=2)
-    path = _gguf_of(lm, tmp_path / "tiny.gguf")
+    path = write_tiny_gguf(lm, tmp_path / "tiny.gguf")
     float_fingerprint = cag.wrap_model(lm.model, lm.tokenizer, name="tiny").fingerprint
     q4 = cag.wrap_model(lm.model, lm.tokenizer, name="tiny", quantize="q4", gguf=path)
     assert q4.name == "tiny:q4" and q4.fingerprint != float_fingerprint

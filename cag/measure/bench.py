@@ -53,6 +53,7 @@ from ..knowledge import KnowledgeBase, load, open_store, store_context
 from ..kvcache import check_kv_dtype
 from ..model import DEFAULT_MODEL, EMBEDDED_NAME, LoadedModel
 from ..generate import generate
+from ..block_linear import BlockReadLinear
 from ..head import HalfReadHead
 from ..prefill import prefill
 from ..prompt import PromptBuilder
@@ -590,14 +591,16 @@ def _row(lm, kb, ids, requested, path, times, raw: tuple[list[float], list[float
 def weight_bytes_per_step(model) -> int:
     """Bytes of the weights one decode step reads: every parameter and buffer once, except an
     input embedding that is not also the output head (a step reads one row of it), and the
-    float32 weights of a half-read head (a step reads their float16 copy and a few rows)."""
+    float32 weights of a half-read head (a step reads their float16 copy and a few rows) and of
+    block-read linears (a step reads their Q4_1 blocks)."""
     head = model.get_output_embeddings()
-    rows_only = {model.get_input_embeddings().weight.data_ptr()}  # a step reads a row of these
+    not_whole = {model.get_input_embeddings().weight.data_ptr()}  # a step reads a row of these
     if isinstance(head, HalfReadHead):
-        rows_only.add(head.weight.data_ptr())
+        not_whole.add(head.weight.data_ptr())
     elif head is not None:
-        rows_only.discard(head.weight.data_ptr())  # a plain head reads all of its weights, tied or not
-    seen, total = set(rows_only), 0
+        not_whole.discard(head.weight.data_ptr())  # a plain head reads all of its weights, tied or not
+    not_whole |= {m.weight.data_ptr() for m in model.modules() if isinstance(m, BlockReadLinear)}
+    seen, total = set(not_whole), 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.data_ptr() in seen:
             continue
