@@ -11,8 +11,8 @@ bench`` reports how often they are identical), and a restored cache and a full p
 still run the same products. More rows (a prompt's prefill) are compute-bound and take
 the float32 weights through BLAS, as before.
 
-A layer is replaced only where its blocks de-quantize to exactly the model's weights.
-The caches are unaffected: prefills, whose keys and values are stored, take BLAS.
+A layer is replaced only where its blocks de-quantize to exactly the model's weights,
+so the model's fingerprint, and the caches it accepts, stay what they were.
 """
 
 from __future__ import annotations
