@@ -2,10 +2,10 @@
 
 The default model is de-quantized from Q4_1 blocks to float32 once, at load; a decode
 step then reads 427 MB of float32 linear weights. ``BlockReadLinear`` keeps the blocks
-beside the float32 weights (76 MB more in memory) and, for a few rows (decode steps),
+beside the float32 weights (101 MB more in memory) and, for a few rows (decode steps),
 computes each float32 weight in registers from its block with ``cpu_kernels.q4_1_linear``:
 ``d * code`` is exact in float32, so ``fma(d, code, m)`` is bit for bit the weight the
-load produced, and a step reads the blocks only. Only the order of each row's sum
+load produced, and a step reads the blocks only (101 MB, their d and m in float32). Only the order of each row's sum
 differs from BLAS's, so answers are the float32 model's up to last-bit rounding (``cag
 bench`` reports how often they are identical), and a restored cache and a full prefill
 still run the same products. More rows (a prompt's prefill) are compute-bound and take
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import cpu_kernels
-from .gguf_blocks import GROUP, dequantize, kept_tensors, keep_tensors, linear_blocks
+from .gguf_blocks import GROUP, dequantize, kept_tensors, keep_tensors, linear_blocks, split_blocks
 
 __all__ = ["BlockReadLinear", "use_block_read_linears"]
 
@@ -40,7 +40,10 @@ class BlockReadLinear(nn.Module):
         super().__init__()
         self.weight = weight
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("blocks", blocks.contiguous(), persistent=False)
+        # The kernel's layout: each block's d and m in float32 (read with no conversion), its codes apart.
+        _, d, m = split_blocks(blocks)
+        self.register_buffer("codes", blocks[..., 4:].contiguous(), persistent=False)
+        self.register_buffer("scales", torch.stack([d.float(), m.float()], dim=-1).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -48,7 +51,7 @@ class BlockReadLinear(nn.Module):
             return F.linear(x, self.weight)
         rows = rows.contiguous()
         out = torch.empty(rows.shape[0], self.out_features)
-        cpu_kernels.q4_1_linear(rows, self.blocks, out)
+        cpu_kernels.q4_1_linear(rows, self.codes, self.scales, out)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

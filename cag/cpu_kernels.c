@@ -109,58 +109,51 @@ void cag_weighted(const float *w, const float *v, float *out, int H, int M, int 
 }
 
 #if defined(__AVX512F__)
-/* Q4_1 block (ggml): float16 d, float16 m, 16 bytes; weight i is d * code_i + m, code i in the
- * low nibble of byte i and code i + 16 in the high nibble. d * code is exact in float32, so
- * fma(d, code, m) is the float32 weight that de-quantizing once gives. */
-#define Q4_1_BYTES 20
-
-static inline __attribute__((always_inline)) void q4_rows(const float *x, long x_ms, const uint8_t *w, int nb,
-                                                          float *out, long o_ms, int j, const int R, const int J) {
+/* ggml's Q4_1: weight i of a block of 32 is d * code_i + m, code i in the low nibble of byte i
+ * and code i + 16 in the high nibble. d * code is exact in float32, so fma(d, code, m) is the
+ * float32 weight that de-quantizing once gives. Per block: the 16 weights it can hold, as a
+ * table, then each code picks its weight from the table (a permute). */
+static inline __attribute__((always_inline)) void q4_rows(const float *x, long x_ms, const uint8_t *codes,
+                                                          const float *dm, int nb, float *out, long o_ms, int j,
+                                                          const int R, const int J) {
     __m512 lo_acc[4][4], hi_acc[4][4];
     for (int a = 0; a < J; a++)
         for (int r = 0; r < R; r++) lo_acc[a][r] = hi_acc[a][r] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi32(0x0F);
-    for (int b = 0; b < nb; b++) {
-        __m512 xl[4], xh[4];
-        for (int r = 0; r < R; r++) {
-            xl[r] = _mm512_loadu_ps(x + r * x_ms + 32 * b);
-            xh[r] = _mm512_loadu_ps(x + r * x_ms + 32 * b + 16);
-        }
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int b = 0; b < nb; b++)
         for (int a = 0; a < J; a++) {
-            const uint8_t *blk = w + ((long)(j + a) * nb + b) * Q4_1_BYTES;
-            uint16_t dh, mh;
-            __builtin_memcpy(&dh, blk, 2);
-            __builtin_memcpy(&mh, blk + 2, 2);
-            __m512 d = _mm512_set1_ps(_cvtsh_ss(dh)), m = _mm512_set1_ps(_cvtsh_ss(mh));
-            __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + 4)));
-            __m512 wl = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(codes, low4)), m);
-            __m512 wh = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(codes, 4)), m);
+            long block = (long)(j + a) * nb + b;
+            __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(dm[2 * block]), iota, _mm512_set1_ps(dm[2 * block + 1]));
+            __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16 * block)));
+            __m512 low = _mm512_permutexvar_ps(c, table); /* the permute reads the low 4 bits of each index */
+            __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
             for (int r = 0; r < R; r++) {
-                lo_acc[a][r] = _mm512_fmadd_ps(wl, xl[r], lo_acc[a][r]);
-                hi_acc[a][r] = _mm512_fmadd_ps(wh, xh[r], hi_acc[a][r]);
+                lo_acc[a][r] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + r * x_ms + 32 * b), lo_acc[a][r]);
+                hi_acc[a][r] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + r * x_ms + 32 * b + 16), hi_acc[a][r]);
             }
         }
-    }
     for (int a = 0; a < J; a++)
-        for (int r = 0; r < R; r++) out[r * o_ms + j + a] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[a][r], hi_acc[a][r]));
+        for (int r = 0; r < R; r++)
+            out[r * o_ms + j + a] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[a][r], hi_acc[a][r]));
 }
-
 #endif
 
-void cag_q4_1_linear(const float *x, const uint8_t *w, float *out, int M, int N, int K, long x_ms, long o_ms, int threads) {
+/* codes [N, K / 32, 16] bytes, dm [N, K / 32, 2] float32 (d, m); N a multiple of 4, K of 32. */
+void cag_q4_1_linear(const float *x, const uint8_t *codes, const float *dm, float *out, int M, int N, int K,
+                     long x_ms, long o_ms, int threads) {
 #if defined(__AVX512F__)
-    int nb = K / 32; /* N a multiple of 4, K of 32 */
-    #pragma omp parallel for num_threads(threads) schedule(static)
+    int nb = K / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (int jt = 0; jt < N / 4; jt++) {
         int j = jt * 4;
         for (int m0 = 0; m0 < M; m0 += 4) {
             const float *xr = x + m0 * x_ms;
             float *o = out + m0 * o_ms;
             switch (M - m0 < 4 ? M - m0 : 4) {
-            case 1: q4_rows(xr, x_ms, w, nb, o, o_ms, j, 1, 4); break;
-            case 2: q4_rows(xr, x_ms, w, nb, o, o_ms, j, 2, 2); q4_rows(xr, x_ms, w, nb, o, o_ms, j + 2, 2, 2); break;
-            case 3: for (int a = 0; a < 4; a++) q4_rows(xr, x_ms, w, nb, o, o_ms, j + a, 3, 1); break;
-            default: for (int a = 0; a < 4; a++) q4_rows(xr, x_ms, w, nb, o, o_ms, j + a, 4, 1); break;
+            case 1: q4_rows(xr, x_ms, codes, dm, nb, o, o_ms, j, 1, 4); break;
+            case 2: for (int a = 0; a < 4; a += 2) q4_rows(xr, x_ms, codes, dm, nb, o, o_ms, j + a, 2, 2); break;
+            case 3: for (int a = 0; a < 4; a++) q4_rows(xr, x_ms, codes, dm, nb, o, o_ms, j + a, 3, 1); break;
+            default: for (int a = 0; a < 4; a++) q4_rows(xr, x_ms, codes, dm, nb, o, o_ms, j + a, 4, 1); break;
             }
         }
     }

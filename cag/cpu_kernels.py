@@ -8,8 +8,8 @@
   20.6 ms on one thread.
 * A linear layer over ggml's Q4_1 blocks (``cag.block_linear``): the float32 weights are
   computed in registers from the 4-bit blocks, exactly as de-quantizing them once does,
-  so a decode step reads 76 MB of blocks instead of 427 MB of float32 (12 ms against
-  37 ms for SmolLM2's 210 linears at one row, one thread).
+  so a decode step reads 101 MB instead of 427 MB of float32 (10 ms against 39 ms for
+  SmolLM2's 210 linears at one row, one thread).
 
 Every output is summed in one order, whatever the number of rows or threads, so a
 question's result does not depend on what is batched with it.
@@ -83,16 +83,19 @@ def weighted_values(weights: torch.Tensor, values: torch.Tensor, out: torch.Tens
     )
 
 
-def q4_1_linear(x: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = x @ weight.T`` for ``x`` ``[M, K]`` float32 and ggml Q4_1 ``blocks`` ``[N, K / 32, 20]``
-    (uint8, contiguous, N a multiple of 4) holding the weights; ``out`` ``[M, N]`` (any row stride)."""
+def q4_1_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = x @ weight.T`` for ``x`` ``[M, K]`` float32 and a weight held as ggml Q4_1 blocks:
+    ``codes`` ``[N, K / 32, 16]`` (the blocks' nibble bytes, uint8) and ``scales`` ``[N, K / 32, 2]``
+    (their d and m in float32), both contiguous, N a multiple of 4; ``out`` ``[M, N]`` (any row stride)."""
     rows, inputs = x.shape
-    outputs = blocks.shape[0]
-    _check(blocks.is_contiguous() and blocks.dtype == torch.uint8 and blocks.shape[1:] == (inputs // 32, 20)
-           and inputs % 32 == 0 and outputs % 4 == 0 and out.shape == (rows, outputs) and x.stride(-1) == 1)
+    outputs = codes.shape[0]
+    _check(codes.is_contiguous() and scales.is_contiguous() and codes.dtype == torch.uint8
+           and scales.dtype == torch.float32 and codes.shape[1:] == (inputs // 32, 16)
+           and scales.shape == (outputs, inputs // 32, 2) and inputs % 32 == 0 and outputs % 4 == 0
+           and out.shape == (rows, outputs) and x.stride(-1) == 1 and out.stride(-1) == 1)
     _library().cag_q4_1_linear(
-        x.data_ptr(), blocks.data_ptr(), out.data_ptr(), rows, outputs, inputs, x.stride(0), out.stride(0),
-        torch.get_num_threads(),
+        x.data_ptr(), codes.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, outputs, inputs, x.stride(0),
+        out.stride(0), torch.get_num_threads(),
     )
 
 
@@ -116,7 +119,7 @@ def _library() -> ctypes.CDLL | None:
     pointer, integer, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.cag_scores.argtypes = [pointer] * 3 + [integer] * 4 + [long] * 4 + [integer]
     lib.cag_weighted.argtypes = [pointer] * 3 + [integer] * 4 + [long] * 6 + [integer]
-    lib.cag_q4_1_linear.argtypes = [pointer] * 3 + [integer] * 3 + [long] * 2 + [integer]
+    lib.cag_q4_1_linear.argtypes = [pointer] * 4 + [integer] * 3 + [long] * 2 + [integer]
     lib.cag_scores.restype = lib.cag_weighted.restype = lib.cag_q4_1_linear.restype = None
     return lib
 

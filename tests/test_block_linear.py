@@ -36,8 +36,8 @@ def test_the_blocks_give_the_float32_product_and_each_row_its_own_sum(tiny_with_
     assert wrapped.fingerprint == plain  # the same weights, so the same caches
     layers = _block_linears(wrapped.model)
     assert len(layers) == 7 * lm.model.config.num_hidden_layers
-    # A step reads the blocks (20 bytes per 32 weights) instead of the float32 weights.
-    saved = sum(layer.weight.numel() * (4 - 20 / 32) for layer in layers)
+    # A step reads the blocks (16 bytes of codes and a float32 d and m per 32 weights), not float32.
+    saved = sum(layer.weight.numel() * (4 - 24 / 32) for layer in layers)
     assert weight_bytes_per_step(wrapped.model) == pytest.approx(float_bytes - saved)
     torch.manual_seed(0)
     for layer in layers:
@@ -46,6 +46,8 @@ def test_the_blocks_give_the_float32_product_and_each_row_its_own_sum(tiny_with_
         torch.testing.assert_close(together, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
         for row in (0, 5):
             assert torch.equal(layer(x[row : row + 1]), together[row : row + 1])
+        for rows in (2, 3, 6):  # every way the kernel groups rows
+            assert torch.equal(layer(x[:rows]), together[:rows])
         many = torch.randn(_MAX_ROWS + 1, layer.in_features)
         assert torch.equal(layer(many), F.linear(many, layer.weight))  # a prefill: BLAS, as before
 
