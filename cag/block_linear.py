@@ -44,15 +44,13 @@ class BlockReadLinear(nn.Module):
         _, d, m = split_blocks(blocks)
         self.register_buffer("codes", blocks[..., 4:].contiguous(), persistent=False)
         self.register_buffer("scales", torch.stack([d.float(), m.float()], dim=-1).contiguous(), persistent=False)
+        self._product = cpu_kernels.q4_1_product(self.codes, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > _MAX_ROWS or x.dtype != torch.float32 or torch.is_grad_enabled() and x.requires_grad:
             return F.linear(x, self.weight)
-        rows = rows.contiguous()
-        out = torch.empty(rows.shape[0], self.out_features)
-        cpu_kernels.q4_1_linear(rows, self.codes, self.scales, out)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return self._product(rows.contiguous()).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks=q4_1"

@@ -32,12 +32,13 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .home import cag_home
 
-__all__ = ["available", "prefix_scores", "q4_1_linear", "usable", "weighted_values"]
+__all__ = ["available", "prefix_scores", "q4_1_product", "usable", "weighted_values"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -83,20 +84,29 @@ def weighted_values(weights: torch.Tensor, values: torch.Tensor, out: torch.Tens
     )
 
 
-def q4_1_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = x @ weight.T`` for ``x`` ``[M, K]`` float32 and a weight held as ggml Q4_1 blocks:
-    ``codes`` ``[N, K / 32, 16]`` (the blocks' nibble bytes, uint8) and ``scales`` ``[N, K / 32, 2]``
-    (their d and m in float32), both contiguous, N a multiple of 4; ``out`` ``[M, N]`` (any row stride)."""
-    rows, inputs = x.shape
-    outputs = codes.shape[0]
+def q4_1_product(codes: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x @ weight.T`` for ``x`` ``[M, K]`` (float32, contiguous) and a weight held as ggml Q4_1
+    blocks: ``codes`` ``[N, K / 32, 16]`` (the blocks' nibble bytes, uint8) and ``scales``
+    ``[N, K / 32, 2]`` (their d and m in float32), N a multiple of 4. The weight's shapes are
+    checked once, here: a decode step calls this 210 times."""
+    outputs, blocks, _ = codes.shape
+    inputs = blocks * 32
     _check(codes.is_contiguous() and scales.is_contiguous() and codes.dtype == torch.uint8
-           and scales.dtype == torch.float32 and codes.shape[1:] == (inputs // 32, 16)
-           and scales.shape == (outputs, inputs // 32, 2) and inputs % 32 == 0 and outputs % 4 == 0
-           and out.shape == (rows, outputs) and x.stride(-1) == 1 and out.stride(-1) == 1)
-    _library().cag_q4_1_linear(
-        x.data_ptr(), codes.data_ptr(), scales.data_ptr(), out.data_ptr(), rows, outputs, inputs, x.stride(0),
-        out.stride(0), torch.get_num_threads(),
-    )
+           and scales.dtype == torch.float32 and codes.shape[2] == 16 and scales.shape == (outputs, blocks, 2)
+           and outputs % 4 == 0)
+    kernel = _library().cag_q4_1_linear
+    codes_at, scales_at = codes.data_ptr(), scales.data_ptr()
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        _check(x.shape[1] == inputs and x.is_contiguous() and x.dtype == torch.float32)
+        out = torch.empty(rows, outputs)
+        kernel(x.data_ptr(), codes_at, scales_at, out.data_ptr(), rows, outputs, inputs, inputs, outputs,
+               torch.get_num_threads())
+        return out
+
+    product.weights = (codes, scales)  # alive as long as the function: the kernel reads their memory
+    return product
 
 
 def _check(ok: bool) -> None:
