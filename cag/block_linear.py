@@ -1,15 +1,16 @@
-"""Linear layers that read the embedded GGUF's 4-bit blocks instead of their float32 copy.
+"""Linear layers that read the embedded GGUF's blocks instead of their float32 copy.
 
-The default model is de-quantized from Q4_1 blocks to float32 once, at load; a decode
-step then reads 427 MB of float32 linear weights. ``BlockReadLinear`` keeps the blocks
-beside the float32 weights (101 MB more in memory) and, for a few rows (decode steps),
-computes each float32 weight in registers from its block with ``cpu_kernels.q4_1_linear``:
-``d * code`` is exact in float32, so ``fma(d, code, m)`` is bit for bit the weight the
-load produced, and a step reads the blocks only (101 MB, their d and m in float32). Only the order of each row's sum
-differs from BLAS's, so answers are the float32 model's up to last-bit rounding (``cag
-bench`` reports how often they are identical), and a restored cache and a full prefill
-still run the same products. More rows (a prompt's prefill) are compute-bound and take
-the float32 weights through BLAS, as before.
+The default model is de-quantized once, at load, from its GGUF: Q4_1 blocks for the
+layers' linears, Q8_0 for the tied embeddings and output head. A decode step then reads
+427 MB of float32 linear weights and a 113 MB head. ``BlockReadLinear`` keeps the blocks
+beside the float32 weights (133 MB more in memory) and, for a few rows (decode steps),
+computes each float32 weight in registers from its block (``cpu_kernels``): ``d * code``
+is exact in float32, so ``fma(d, code, m)`` (Q4_1) and ``d * code`` (Q8_0) are bit for
+bit the weights the load produced, and a step reads 101 MB of blocks for the linears and
+32 MB for the head. Only the order of each row's sum differs from BLAS's, so answers are
+the float32 model's up to last-bit rounding (identical on the bench's 8 questions), and a
+restored cache and a full prefill still run the same products. More rows (a prompt's
+prefill) are compute-bound and take the float32 weights through BLAS, as before.
 
 A layer is replaced only where its blocks de-quantize to exactly the model's weights,
 so the model's fingerprint, and the caches it accepts, stay what they were.
@@ -26,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import cpu_kernels
-from .gguf_blocks import GROUP, dequantize, kept_tensors, keep_tensors, linear_blocks, split_blocks
+from .gguf_blocks import GROUP, HEAD, Q8_0_BYTES, dequantize, kept_tensors, keep_tensors, linear_blocks, split_q4_1, split_q8_0
 
 __all__ = ["BlockReadLinear", "use_block_read_linears"]
 
@@ -34,17 +35,25 @@ _MAX_ROWS = 16  # at 8 rows the blocks still took half the float32 product's tim
 
 
 class BlockReadLinear(nn.Module):
-    """A bias-free float32 linear layer whose product at a few rows reads its Q4_1 blocks."""
+    """A bias-free float32 linear layer whose product at a few rows reads its Q4_1 or Q8_0 blocks."""
 
     def __init__(self, weight: nn.Parameter, blocks: torch.Tensor) -> None:
         super().__init__()
         self.weight = weight
         self.out_features, self.in_features = weight.shape
-        # The kernel's layout: each block's d and m in float32 (read with no conversion), its codes apart.
-        _, d, m = split_blocks(blocks)
-        self.register_buffer("codes", blocks[..., 4:].contiguous(), persistent=False)
-        self.register_buffer("scales", torch.stack([d.float(), m.float()], dim=-1).contiguous(), persistent=False)
-        self._product = cpu_kernels.q4_1_product(self.codes, self.scales)
+        # The kernel's layout: codes apart, each block's d (and m) in float32, read with no conversion.
+        if blocks.shape[-1] == Q8_0_BYTES:
+            codes, d = split_q8_0(blocks)
+            scales = d.float()
+            self.format = "q8_0"
+        else:
+            codes, d, m = blocks[..., 4:], *split_q4_1(blocks)[1:]
+            scales = torch.stack([d.float(), m.float()], dim=-1)
+            self.format = "q4_1"
+        self.register_buffer("codes", codes.contiguous(), persistent=False)
+        self.register_buffer("scales", scales.contiguous(), persistent=False)
+        make = cpu_kernels.q8_0_product if self.format == "q8_0" else cpu_kernels.q4_1_product
+        self._product = make(self.codes, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -53,12 +62,13 @@ class BlockReadLinear(nn.Module):
         return self._product(rows.contiguous()).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, blocks=q4_1"
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.format}"
 
 
 def use_block_read_linears(model: Any, gguf_path: str | os.PathLike, weights_hash: str, kept: Path | None = None) -> int:
-    """Replace the llama model's float32 linear layers by ``BlockReadLinear`` where the GGUF's
-    Q4_1 blocks give exactly their weights; returns how many (none without the CPU kernels).
+    """Replace the llama model's float32 linear layers and output head by ``BlockReadLinear``
+    where the GGUF's blocks give exactly their weights; returns how many (none without the CPU
+    kernels).
 
     Reading the GGUF and checking every weight takes seconds, so the blocks that passed are
     kept in ``kept`` (a safetensors file) with the ``weights_hash`` of the weights they were
@@ -69,24 +79,31 @@ def use_block_read_linears(model: Any, gguf_path: str | os.PathLike, weights_has
     if found is not None and found[1].get("weights_hash") == weights_hash:
         checked = found[0]
     else:
-        checked = {name: blocks for name, blocks in linear_blocks(model.config, gguf_path) if _gives_weights(model, name, blocks)}
+        checked = {name: blocks for name, blocks in linear_blocks(model.config, gguf_path)
+                   if _gives_weights(_layer(model, name), blocks)}
         if kept is not None:
             keep_tensors(checked, kept, {"weights_hash": weights_hash})
     for name, blocks in checked.items():
-        owner_path, _, attr = name.rpartition(".")
-        owner = model.model.get_submodule(owner_path)
-        setattr(owner, attr, BlockReadLinear(getattr(owner, attr).weight, blocks))
+        replacement = BlockReadLinear(_layer(model, name).weight, blocks)
+        if name == HEAD:
+            model.set_output_embeddings(replacement)  # the weight, tied or not, stays the same parameter
+        else:
+            owner_path, _, attr = name.rpartition(".")
+            setattr(model.model.get_submodule(owner_path), attr, replacement)
     return len(checked)
 
 
 def blocks_file(folder: Path, gguf_path: str | os.PathLike) -> Path:
     """Where the checked blocks of this GGUF are kept under ``folder``."""
-    return folder / f"{Path(gguf_path).stem}.{Path(gguf_path).stat().st_size}.q4_1-blocks.safetensors"
+    return folder / f"{Path(gguf_path).stem}.{Path(gguf_path).stat().st_size}.blocks.safetensors"
 
 
-def _gives_weights(model: Any, name: str, blocks: torch.Tensor) -> bool:
-    """Whether ``blocks`` de-quantize to exactly the weights of the model's float32 linear ``name``."""
-    layer = model.model.get_submodule(name)
+def _layer(model: Any, name: str) -> Any:
+    return model.get_output_embeddings() if name == HEAD else model.model.get_submodule(name)
+
+
+def _gives_weights(layer: Any, blocks: torch.Tensor) -> bool:
+    """Whether ``blocks`` de-quantize to exactly the weights of ``layer``, a float32 linear on the CPU."""
     if type(layer) is not nn.Linear or layer.bias is not None or layer.weight.dtype != torch.float32:
         return False
     if layer.weight.device.type != "cpu" or layer.out_features % 4 or blocks.shape[1] * GROUP != layer.in_features:

@@ -109,24 +109,40 @@ void cag_weighted(const float *w, const float *v, float *out, int H, int M, int 
 }
 
 #if defined(__AVX512F__)
-/* ggml's Q4_1: weight i of a block of 32 is d * code_i + m, code i in the low nibble of byte i
- * and code i + 16 in the high nibble. d * code is exact in float32, so fma(d, code, m) is the
- * float32 weight that de-quantizing once gives. Per block: the 16 weights it can hold, as a
- * table, then each code picks its weight from the table (a permute). */
-static inline __attribute__((always_inline)) void q4_rows(const float *x, long x_ms, const uint8_t *codes,
-                                                          const float *dm, int nb, float *out, long o_ms, int j,
-                                                          const int R, const int J) {
+enum { Q4_1 = 0, Q8_0 = 1 };
+
+/* A block's 32 float32 weights, bit for bit those that de-quantizing the block once gives.
+ * ggml's Q4_1: weight i is d * code_i + m, code i in the low nibble of byte i and code i + 16 in
+ * the high nibble; d * code is exact in float32, so fma(d, code, m) is the weight. The block's
+ * 16 possible weights are made as a table, and each code picks its own by a permute.
+ * ggml's Q8_0: weight i is d * code_i, code an int8, exact in float32. */
+static inline __attribute__((always_inline)) void block_weights(const uint8_t *codes, const float *scales, long block,
+                                                                const int format, __m512 *low, __m512 *high) {
+    if (format == Q4_1) {
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(scales[2 * block]), iota, _mm512_set1_ps(scales[2 * block + 1]));
+        __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16 * block)));
+        *low = _mm512_permutexvar_ps(c, table); /* the permute reads the low 4 bits of each index */
+        *high = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
+    } else {
+        __m512 d = _mm512_set1_ps(scales[block]);
+        const __m128i *c = (const __m128i *)(codes + 32 * block);
+        *low = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))));
+        *high = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))));
+    }
+}
+
+/* R rows of x against output rows j..j+J-1: each block's weights are made once for all R rows. */
+static inline __attribute__((always_inline)) void block_rows(const float *x, long x_ms, const uint8_t *codes,
+                                                             const float *scales, int nb, float *out, long o_ms,
+                                                             int j, const int format, const int R, const int J) {
     __m512 lo_acc[4][4], hi_acc[4][4];
     for (int a = 0; a < J; a++)
         for (int r = 0; r < R; r++) lo_acc[a][r] = hi_acc[a][r] = _mm512_setzero_ps();
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int b = 0; b < nb; b++)
         for (int a = 0; a < J; a++) {
-            long block = (long)(j + a) * nb + b;
-            __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(dm[2 * block]), iota, _mm512_set1_ps(dm[2 * block + 1]));
-            __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16 * block)));
-            __m512 low = _mm512_permutexvar_ps(c, table); /* the permute reads the low 4 bits of each index */
-            __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
+            __m512 low, high;
+            block_weights(codes, scales, (long)(j + a) * nb + b, format, &low, &high);
             for (int r = 0; r < R; r++) {
                 lo_acc[a][r] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + r * x_ms + 32 * b), lo_acc[a][r]);
                 hi_acc[a][r] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + r * x_ms + 32 * b + 16), hi_acc[a][r]);
@@ -138,24 +154,35 @@ static inline __attribute__((always_inline)) void q4_rows(const float *x, long x
 }
 #endif
 
-/* codes [N, K / 32, 16] bytes, dm [N, K / 32, 2] float32 (d, m); N a multiple of 4, K of 32. */
-void cag_q4_1_linear(const float *x, const uint8_t *codes, const float *dm, float *out, int M, int N, int K,
-                     long x_ms, long o_ms, int threads) {
+/* out[m, j] = dot(x[m, :], weight row j) over blocks of 32 inputs: codes [N, K / 32, 16] bytes and
+ * scales [N, K / 32, 2] (d, m) for Q4_1, codes [N, K / 32, 32] int8 and scales [N, K / 32] (d) for
+ * Q8_0; N a multiple of 4, K of 32. Output rows 4 at a time, with as many x rows as keep the
+ * accumulators in registers. */
 #if defined(__AVX512F__)
-    int nb = K / 32;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int jt = 0; jt < N / 4; jt++) {
-        int j = jt * 4;
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            const float *xr = x + m0 * x_ms;
-            float *o = out + m0 * o_ms;
-            switch (M - m0 < 4 ? M - m0 : 4) {
-            case 1: q4_rows(xr, x_ms, codes, dm, nb, o, o_ms, j, 1, 4); break;
-            case 2: for (int a = 0; a < 4; a += 2) q4_rows(xr, x_ms, codes, dm, nb, o, o_ms, j + a, 2, 2); break;
-            case 3: for (int a = 0; a < 4; a++) q4_rows(xr, x_ms, codes, dm, nb, o, o_ms, j + a, 3, 1); break;
-            default: for (int a = 0; a < 4; a++) q4_rows(xr, x_ms, codes, dm, nb, o, o_ms, j + a, 4, 1); break;
-            }
-        }
+#define BLOCK_LINEAR(name, format)                                                                     \
+    void name(const float *x, const uint8_t *codes, const float *scales, float *out, int M, int N, int K,      \
+              long x_ms, long o_ms, int threads) {                                                             \
+        int nb = K / 32;                                                                                       \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                      \
+        for (int jt = 0; jt < N / 4; jt++) {                                                                   \
+            int j = jt * 4;                                                                                    \
+            for (int m0 = 0; m0 < M; m0 += 4) {                                                                \
+                const float *xr = x + m0 * x_ms;                                                               \
+                float *o = out + m0 * o_ms;                                                                    \
+                switch (M - m0 < 4 ? M - m0 : 4) {                                                             \
+                case 1: block_rows(xr, x_ms, codes, scales, nb, o, o_ms, j, format, 1, 4); break;                         \
+                case 2: for (int a = 0; a < 4; a += 2) block_rows(xr, x_ms, codes, scales, nb, o, o_ms, j + a, format, 2, 2); break; \
+                case 3: for (int a = 0; a < 4; a++) block_rows(xr, x_ms, codes, scales, nb, o, o_ms, j + a, format, 3, 1); break; \
+                default: for (int a = 0; a < 4; a++) block_rows(xr, x_ms, codes, scales, nb, o, o_ms, j + a, format, 4, 1); break; \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
     }
+#else
+#define BLOCK_LINEAR(name, format)                                                                     \
+    void name(const float *x, const uint8_t *codes, const float *scales, float *out, int M, int N, int K,      \
+              long x_ms, long o_ms, int threads) {}
 #endif
-}
+
+BLOCK_LINEAR(cag_q4_1_linear, Q4_1)
+BLOCK_LINEAR(cag_q8_0_linear, Q8_0)

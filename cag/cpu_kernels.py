@@ -6,10 +6,10 @@
   third of this machine's memory bandwidth; these loops load each context key and value
   row once for all rows: the 30 layers' products at a 4k context took 8.7 ms against
   20.6 ms on one thread.
-* A linear layer over ggml's Q4_1 blocks (``cag.block_linear``): the float32 weights are
-  computed in registers from the 4-bit blocks, exactly as de-quantizing them once does,
-  so a decode step reads 101 MB instead of 427 MB of float32 (10 ms against 39 ms for
-  SmolLM2's 210 linears at one row, one thread).
+* A linear layer over ggml's Q4_1 or Q8_0 blocks (``cag.block_linear``): the float32
+  weights are computed in registers from the blocks, exactly as de-quantizing them once
+  does, so a decode step reads 101 MB instead of 427 MB of float32 for SmolLM2's 210
+  linears (10 ms against 39 ms at one row, one thread) and 32 MB for its head.
 
 Every output is summed in one order, whatever the number of rows or threads, so a
 question's result does not depend on what is batched with it.
@@ -38,7 +38,7 @@ import torch
 
 from .home import cag_home
 
-__all__ = ["available", "prefix_scores", "q4_1_product", "usable", "weighted_values"]
+__all__ = ["available", "prefix_scores", "q4_1_product", "q8_0_product", "usable", "weighted_values"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -87,14 +87,23 @@ def weighted_values(weights: torch.Tensor, values: torch.Tensor, out: torch.Tens
 def q4_1_product(codes: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> x @ weight.T`` for ``x`` ``[M, K]`` (float32, contiguous) and a weight held as ggml Q4_1
     blocks: ``codes`` ``[N, K / 32, 16]`` (the blocks' nibble bytes, uint8) and ``scales``
-    ``[N, K / 32, 2]`` (their d and m in float32), N a multiple of 4. The weight's shapes are
-    checked once, here: a decode step calls this 210 times."""
+    ``[N, K / 32, 2]`` (their d and m in float32), N a multiple of 4."""
+    _check(codes.dtype == torch.uint8 and codes.shape[2] == 16 and scales.shape == (*codes.shape[:2], 2))
+    return _product(_library().cag_q4_1_linear, codes, scales)
+
+
+def q8_0_product(codes: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """As ``q4_1_product`` for ggml Q8_0 blocks: ``codes`` ``[N, K / 32, 32]`` (int8) and ``scales``
+    ``[N, K / 32]`` (their d in float32)."""
+    _check(codes.dtype == torch.int8 and codes.shape[2] == 32 and scales.shape == codes.shape[:2])
+    return _product(_library().cag_q8_0_linear, codes, scales)
+
+
+def _product(kernel, codes: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The weight's shapes are checked once, here: a decode step calls a product 211 times."""
     outputs, blocks, _ = codes.shape
     inputs = blocks * 32
-    _check(codes.is_contiguous() and scales.is_contiguous() and codes.dtype == torch.uint8
-           and scales.dtype == torch.float32 and codes.shape[2] == 16 and scales.shape == (outputs, blocks, 2)
-           and outputs % 4 == 0)
-    kernel = _library().cag_q4_1_linear
+    _check(codes.is_contiguous() and scales.is_contiguous() and scales.dtype == torch.float32 and outputs % 4 == 0)
     codes_at, scales_at = codes.data_ptr(), scales.data_ptr()
 
     def product(x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +138,9 @@ def _library() -> ctypes.CDLL | None:
     pointer, integer, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     lib.cag_scores.argtypes = [pointer] * 3 + [integer] * 4 + [long] * 4 + [integer]
     lib.cag_weighted.argtypes = [pointer] * 3 + [integer] * 4 + [long] * 6 + [integer]
-    lib.cag_q4_1_linear.argtypes = [pointer] * 4 + [integer] * 3 + [long] * 2 + [integer]
-    lib.cag_scores.restype = lib.cag_weighted.restype = lib.cag_q4_1_linear.restype = None
+    lib.cag_q4_1_linear.argtypes = lib.cag_q8_0_linear.argtypes = [pointer] * 4 + [integer] * 3 + [long] * 2 + [integer]
+    for name in ("cag_scores", "cag_weighted", "cag_q4_1_linear", "cag_q8_0_linear"):
+        getattr(lib, name).restype = None
     return lib
 
 

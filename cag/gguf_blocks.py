@@ -1,9 +1,9 @@
-"""A GGUF's Q4_1 linear weights as ggml stores them: blocks of 32, read by ``cag.int4`` and
-``cag.block_linear``.
+"""A GGUF's block-quantized weights as ggml stores them, read by ``cag.int4`` and ``cag.block_linear``.
 
 A Q4_1 block is 20 bytes: float16 ``d``, float16 ``m``, then 16 bytes whose byte ``j``
 holds weight ``j``'s code in its low nibble and weight ``j + 16``'s in its high one;
-weight = ``d * code + m``.
+weight = ``d * code + m``. A Q8_0 block is 34 bytes: float16 ``d``, then 32 int8 codes;
+weight = ``d * code``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["BLOCK_BYTES", "GROUP", "dequantize", "keep_tensors", "kept_tensors", "linear_blocks", "split_blocks"]
+__all__ = ["GROUP", "HEAD", "Q4_1_BYTES", "Q8_0_BYTES", "dequantize", "keep_tensors", "kept_tensors", "linear_blocks",
+           "split_q4_1", "split_q8_0"]
 
 GROUP = 32  # weights per block
-BLOCK_BYTES = 20
+Q4_1_BYTES, Q8_0_BYTES = 20, 34
+HEAD = "lm_head"  # linear_blocks' name for the output head
 # GGUF tensor names of a llama block's linear layers -> the transformers module inside the block.
 _LINEARS = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -29,24 +31,33 @@ _LINEARS = {
 
 
 def linear_blocks(config: Any, gguf_path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each Q4_1 linear weight of a llama GGUF as (module name under ``model.model``, uint8
-    blocks ``[out, in / 32, 20]`` in transformers' row order)."""
+    """A llama GGUF's block-quantized linear weights as (name, uint8 blocks ``[out, in / 32, bytes]``
+    in transformers' row order): each Q4_1 linear of a layer, by module name under ``model.model``,
+    and a Q8_0 output head (``output``, else the tied ``token_embd``) as ``HEAD``."""
     from gguf import GGMLQuantizationType, GGUFReader
 
     heads = {"attn_q": config.num_attention_heads,
              "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
-    for tensor in GGUFReader(str(gguf_path)).tensors:
+    tensors = GGUFReader(str(gguf_path)).tensors
+    names = {tensor.name for tensor in tensors}
+    head = "output.weight" if "output.weight" in names else "token_embd.weight"
+    for tensor in tensors:
         parts = tensor.name.split(".")
-        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LINEARS or tensor.tensor_type != GGMLQuantizationType.Q4_1:
-            continue
-        raw = np.asarray(tensor.data, dtype=np.uint8)
-        blocks = torch.from_numpy(raw.reshape(raw.shape[0], -1, BLOCK_BYTES).copy())
-        if parts[2] in heads:
-            blocks = _unpermute_rows(blocks, heads[parts[2]])
-        yield f"layers.{int(parts[1])}.{_LINEARS[parts[2]]}", blocks
+        if tensor.name == head and tensor.tensor_type == GGMLQuantizationType.Q8_0:
+            yield HEAD, _blocks(tensor, Q8_0_BYTES)
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in _LINEARS and tensor.tensor_type == GGMLQuantizationType.Q4_1:
+            blocks = _blocks(tensor, Q4_1_BYTES)
+            if parts[2] in heads:
+                blocks = _unpermute_rows(blocks, heads[parts[2]])
+            yield f"layers.{int(parts[1])}.{_LINEARS[parts[2]]}", blocks
 
 
-def split_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _blocks(tensor: Any, size: int) -> torch.Tensor:
+    raw = np.asarray(tensor.data, dtype=np.uint8)
+    return torch.from_numpy(raw.reshape(raw.shape[0], -1, size).copy())
+
+
+def split_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Blocks ``[out, in / 32, 20]`` as codes ``[out, in]`` (uint8, 0..15) and d, m ``[out, in / 32]`` (float16)."""
     d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]
     m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]
@@ -55,9 +66,18 @@ def split_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return codes, d, m
 
 
+def split_q8_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks ``[out, in / 32, 34]`` as codes ``[out, in / 32, 32]`` (int8) and d ``[out, in / 32]`` (float16)."""
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]
+    return blocks[..., 2:].contiguous().view(torch.int8), d
+
+
 def dequantize(blocks: torch.Tensor) -> torch.Tensor:
-    """The float32 weights ``[out, in]``: ``d * code + m`` per block, as ggml computes them."""
-    codes, d, m = split_blocks(blocks)
+    """The float32 weights ``[out, in]`` of Q4_1 or Q8_0 blocks, as ggml computes them."""
+    if blocks.shape[-1] == Q8_0_BYTES:
+        codes, d = split_q8_0(blocks)
+        return (d.float()[..., None] * codes.float()).reshape(blocks.shape[0], -1)
+    codes, d, m = split_q4_1(blocks)
     grouped = codes.float().view(codes.shape[0], -1, GROUP)
     return (d.float()[..., None] * grouped + m.float()[..., None]).view(codes.shape)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .gguf_blocks import GROUP, keep_tensors, kept_tensors, linear_blocks, split_blocks
+from .gguf_blocks import GROUP, HEAD, keep_tensors, kept_tensors, linear_blocks, split_q4_1
 
 __all__ = ["Int4Linear", "use_gguf_int4"]
 
@@ -99,7 +99,8 @@ def packs_file(folder: Path, gguf_path: str | Path) -> Path:
 
 def _layers_from_gguf(config: Any, gguf_path: str | Path) -> dict[str, Int4Linear]:
     """The GGUF's Q4_1 linear weights, by module name under ``model.model``."""
-    layers = {name: Int4Linear.from_q4_1(*split_blocks(blocks)) for name, blocks in linear_blocks(config, gguf_path)}
+    layers = {name: Int4Linear.from_q4_1(*split_q4_1(blocks))
+              for name, blocks in linear_blocks(config, gguf_path) if name != HEAD}
     if not layers:
         raise ModelError(f"{gguf_path} holds no Q4_1 linear weights of a llama model: drop --quantize q4")
     return layers

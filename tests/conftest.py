@@ -182,8 +182,8 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(lm, path):
-    """Write the tiny model's linear layers as a Q4_1 GGUF, and give the model the weights a
-    GGUF loader would: each layer de-quantized from its blocks."""
+    """Write the tiny model's linear layers as a Q4_1 GGUF (its head as Q8_0), and give the model
+    the weights a GGUF loader would: each layer de-quantized from its blocks."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
     config = lm.model.config
@@ -202,6 +202,11 @@ def write_tiny_gguf(lm, path):
                 back = _unpermute(back, heads[kind])
             with torch.no_grad():
                 linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(back)))
+    head = lm.model.lm_head  # the tiny model's head is its own (untied): GGUF's "output", in Q8_0
+    blocks = quants.quantize(head.weight.detach().numpy(), GGMLQuantizationType.Q8_0)
+    writer.add_tensor("output.weight", blocks, raw_shape=blocks.shape, raw_dtype=GGMLQuantizationType.Q8_0)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(np.ascontiguousarray(quants.dequantize(blocks, GGMLQuantizationType.Q8_0))))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

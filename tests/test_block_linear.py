@@ -35,9 +35,11 @@ def test_the_blocks_give_the_float32_product_and_each_row_its_own_sum(tiny_with_
     wrapped = cag.wrap_model(lm.model, lm.tokenizer, name="tiny", gguf=path)
     assert wrapped.fingerprint == plain  # the same weights, so the same caches
     layers = _block_linears(wrapped.model)
-    assert len(layers) == 7 * lm.model.config.num_hidden_layers
-    # A step reads the blocks (16 bytes of codes and a float32 d and m per 32 weights), not float32.
-    saved = sum(layer.weight.numel() * (4 - 24 / 32) for layer in layers)
+    assert len(layers) == 7 * lm.model.config.num_hidden_layers + 1
+    assert wrapped.model.lm_head in layers and wrapped.model.lm_head.format == "q8_0"
+    # A step reads the blocks, not float32: per 32 weights, 16 bytes of codes and a float32 d and
+    # m (Q4_1), or 32 bytes and a float32 d (Q8_0, the head).
+    saved = sum(layer.weight.numel() * (4 - (36 if layer.format == "q8_0" else 24) / 32) for layer in layers)
     assert weight_bytes_per_step(wrapped.model) == pytest.approx(float_bytes - saved)
     torch.manual_seed(0)
     for layer in layers:
@@ -68,14 +70,14 @@ def test_blocks_that_are_not_the_weights_are_not_used(tiny_with_gguf):
     changed = lm.model.model.layers[1].mlp.up_proj
     with torch.no_grad():
         changed.weight[0, 0] += 1e-3
-    assert use_block_read_linears(lm.model, path, "hash") == 7 * lm.model.config.num_hidden_layers - 1
+    assert use_block_read_linears(lm.model, path, "hash") == 7 * lm.model.config.num_hidden_layers  # and the head
     assert type(lm.model.model.layers[1].mlp.up_proj) is nn.Linear
 
 
 def test_checked_blocks_are_kept_and_taken_while_the_weights_are_the_same(tiny_with_gguf, tmp_path):
     lm, path = tiny_with_gguf
     kept = tmp_path / "kept" / "tiny.blocks.safetensors"
-    count = 7 * lm.model.config.num_hidden_layers
+    count = 7 * lm.model.config.num_hidden_layers + 1
     fresh = make_tiny_model(seed=3)
     write_tiny_gguf(fresh, tmp_path / "again.gguf")  # the same de-quantized weights as lm's
     assert use_block_read_linears(lm.model, path, "hash-1", kept) == count

@@ -7,7 +7,7 @@ import torch
 
 import cag
 from cag.errors import ModelError
-from cag.gguf_blocks import dequantize, linear_blocks, split_blocks
+from cag.gguf_blocks import HEAD, dequantize, linear_blocks, split_q4_1
 from cag.int4 import Int4Linear, use_gguf_int4
 
 from conftest import make_tiny_model, write_tiny_gguf
@@ -32,9 +32,10 @@ def test_gguf_blocks_are_the_weights_a_gguf_loader_gives(tmp_path):
     lm = make_tiny_model(seed=1)
     path = write_tiny_gguf(lm, tmp_path / "tiny.gguf")
     found = dict(linear_blocks(lm.model.config, path))
+    assert torch.equal(dequantize(found.pop(HEAD)), lm.model.lm_head.weight)  # Q8_0
     assert len(found) == 7 * lm.model.config.num_hidden_layers
     for name, blocks in found.items():
-        codes, d, m = split_blocks(blocks)
+        codes, d, m = split_q4_1(blocks)
         assert codes.max() <= 15 and d.dtype == m.dtype == torch.float16
         assert torch.equal(dequantize(blocks), lm.model.model.get_submodule(name).weight), name
 
