@@ -43,13 +43,13 @@ class BlockReadLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         # The kernel's layout: codes apart, each block's d (and m) in float32, read with no conversion.
         if blocks.shape[-1] == Q8_0_BYTES:
+            self.format = "q8_0"
             codes, d = split_q8_0(blocks)
             scales = d.float()
-            self.format = "q8_0"
         else:
-            codes, d, m = blocks[..., 4:], *split_q4_1(blocks)[1:]
-            scales = torch.stack([d.float(), m.float()], dim=-1)
             self.format = "q4_1"
+            _, d, m = split_q4_1(blocks)
+            codes, scales = blocks[..., 4:], torch.stack([d.float(), m.float()], dim=-1)
         self.register_buffer("codes", codes.contiguous(), persistent=False)
         self.register_buffer("scales", scales.contiguous(), persistent=False)
         make = cpu_kernels.q8_0_product if self.format == "q8_0" else cpu_kernels.q4_1_product
@@ -68,12 +68,13 @@ class BlockReadLinear(nn.Module):
 def use_block_read_linears(model: Any, gguf_path: str | os.PathLike, weights_hash: str, kept: Path | None = None) -> int:
     """Replace the llama model's float32 linear layers and output head by ``BlockReadLinear``
     where the GGUF's blocks give exactly their weights; returns how many (none without the CPU
-    kernels).
+    kernels, or for a model not in float32 on the CPU).
 
     Reading the GGUF and checking every weight takes seconds, so the blocks that passed are
     kept in ``kept`` (a safetensors file) with the ``weights_hash`` of the weights they were
     checked against, and taken from there while the hash is the same."""
-    if not cpu_kernels.available():
+    weight = next(model.parameters())
+    if not cpu_kernels.available() or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return 0
     found = kept_tensors(kept) if kept is not None else None
     if found is not None and found[1].get("weights_hash") == weights_hash:

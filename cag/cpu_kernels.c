@@ -4,8 +4,9 @@
  * Prefix attention, float32, head dim a multiple of 16, last dimension contiguous:
  *   scores:   out[h, m, n] = dot(q[h, m, :], k[h, n, :])
  *   weighted: out[h, m, :] = sum over n, in order, of w[h, m, n] * v[h, n, :]
- * A linear layer over ggml Q4_1 blocks:
- *   q4_1_linear: out[m, j] = dot(x[m, :], weight row j), the weights computed from the blocks
+ * Linear layers over ggml Q4_1 or Q8_0 blocks:
+ *   q4_1_linear, q8_0_linear: out[m, j] = dot(x[m, :], weight row j), each weight computed
+ *   from its block exactly as de-quantizing the block once gives it
  *
  * Every output element is summed in one order that depends on neither the number of
  * rows nor the number of threads.

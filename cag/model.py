@@ -205,7 +205,7 @@ def load_model(
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {display!r}: {first_line}") from exc
     model.to(device)
-    gguf = embedded_gguf_path() if display == EMBEDDED_NAME and dtype == torch.float32 and device.type == "cpu" else None
+    gguf = embedded_gguf_path() if display == EMBEDDED_NAME else None
     return _wrap(model, tokenizer, name=display, weights_hash=_cached_weights_hash(source, model), quantize=quantize,
                  gguf=gguf, home=home)
 
@@ -225,7 +225,7 @@ def wrap_model(
     is that of the full-precision weights plus the quantization, and the name gains a
     ``:int8`` suffix, so caches record (and ``cag.load`` reloads) the quantized model.
     ``quantize="q4"`` takes the 4-bit weights from ``gguf``, the file ``model`` was loaded from.
-    Without ``quantize``, decode steps read ``gguf``'s Q4_1 blocks wherever they are exactly
+    Without ``quantize``, decode steps read ``gguf``'s blocks wherever they are exactly
     the model's float32 weights (``cag.block_linear``).
     """
     return _wrap(model, tokenizer, name=name, weights_hash=weights_hash, quantize=quantize, gguf=gguf, home=None)

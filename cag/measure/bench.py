@@ -592,7 +592,7 @@ def weight_bytes_per_step(model) -> int:
     """Bytes of the weights one decode step reads: every parameter and buffer once, except an
     input embedding that is not also the output head (a step reads one row of it), and the
     float32 weights of a half-read head (a step reads their float16 copy and a few rows) and of
-    block-read linears (a step reads their Q4_1 blocks)."""
+    block-read linears (a step reads their blocks)."""
     head = model.get_output_embeddings()
     not_whole = {model.get_input_embeddings().weight.data_ptr()}  # a step reads a row of these
     if isinstance(head, HalfReadHead):
