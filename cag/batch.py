@@ -226,6 +226,8 @@ def shared_prefix_attention(
         raise UnsupportedAttention(f"{heads} query heads do not group over {kv_heads} key/value heads")
     mask = _suffix_mask(attention_mask, key.shape[-2])
     scale = scaling if scaling is not None else dim**-0.5
+    if layer.prefix_keys is not None and cpu_kernels.usable(query, key, value, layer.prefix_keys, layer.prefix_values):
+        return _attend_kernels(query, key, value, mask, layer.prefix_keys[0], layer.prefix_values[0], scale), None
     # Bound the scores' memory when a long prompt meets a long context: slices of query tokens.
     width = layer.prefix_length + key.shape[-2]
     step = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * heads * width))
@@ -265,8 +267,6 @@ def _attend(query, key, value, mask, prefix_keys, prefix_values, scale) -> torch
         scores.masked_fill_(~folded, float("-inf"))
     if prefix_keys is None:
         out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(value.dtype), value)
-    elif cpu_kernels.usable(q, prefix_keys, prefix_values, value):
-        out = _attend_prefix_kernels(q, scores, value, prefix_keys[0], prefix_values[0])
     else:
         n = prefix_keys.shape[-2]
         # A reduced-precision prefix (bfloat16) is read as it is, never converted whole.
@@ -281,19 +281,18 @@ def _attend(query, key, value, mask, prefix_keys, prefix_values, scale) -> torch
     return out.transpose(1, 2).contiguous()
 
 
-def _attend_prefix_kernels(q, scores, value, prefix_keys, prefix_values) -> torch.Tensor:
-    """``_attend``'s prefix branch through ``cpu_kernels``: the prefix scores are written
-    straight into the buffer the softmax reads, and the weights are read where they lie."""
-    batch, kv_heads, rows, dim = q.shape
-    n, s = prefix_keys.shape[-2], scores.shape[-1]
-    both = torch.empty(kv_heads, batch * rows, n + s)
-    cpu_kernels.prefix_scores(q.transpose(0, 1).reshape(kv_heads, batch * rows, dim), prefix_keys, both)
-    both[..., n:].unflatten(1, (batch, rows)).copy_(scores.transpose(0, 1))
-    weights = torch.softmax(both, dim=-1)
-    prefix_out = torch.empty(kv_heads, batch * rows, prefix_values.shape[-1])
-    cpu_kernels.weighted_values(weights[..., :n], prefix_values, prefix_out)
-    out = torch.matmul(weights[..., n:].unflatten(1, (batch, rows)).transpose(0, 1), value)
-    return out.add_(prefix_out.unflatten(1, (batch, rows)).transpose(0, 1))
+def _attend_kernels(query, key, value, mask, prefix_keys, prefix_values, scale) -> torch.Tensor:
+    """``_attend`` in one call of ``cpu_kernels.attend``: scores, softmax and weighted values of each
+    tile of rows stay in that tile's own buffer. Returns [B, L, heads, dim]."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    q = (query * scale).reshape(batch, kv_heads, group * q_len, dim).transpose(0, 1).reshape(kv_heads, -1, dim)
+    if mask is not None:
+        mask = mask[:, 0].expand(batch, q_len, mask.shape[-1])
+        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    out = cpu_kernels.attend(q, prefix_keys, prefix_values, key, value, mask, q_len)
+    return out.view(kv_heads, batch, group, q_len, dim).permute(1, 3, 0, 2, 4).reshape(batch, q_len, heads, dim)
 
 
 def _register() -> None:

@@ -1,5 +1,5 @@
-"""The compiled prefix-attention loops: they match torch's products, every row is summed the same
-way alone or in a batch and on any number of threads, and a machine without them falls back."""
+"""The compiled prefix attention: it matches torch's, every row is summed the same way alone or in a
+batch, behind padding and on any number of threads, and a machine without it falls back."""
 
 from __future__ import annotations
 
@@ -40,51 +40,77 @@ def test_the_kernels_compile_on_a_machine_with_a_compiler_and_avx512(fresh_libra
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no compiled attention kernels here")
 
 
-@needs_kernels
-@pytest.mark.parametrize("rows, n, dim", [(1, 1, 16), (3, 1000, 64), (9, 300, 80), (24, 513, 128), (51, 700, 64)])
-def test_scores_and_weighted_values_match_torch(rows, n, dim):
-    torch.manual_seed(rows)
-    query = torch.randn(HEADS, rows, dim)
-    keys, values = torch.randn(HEADS, n, dim), torch.randn(HEADS, n, dim)
-    # Outputs and weights inside wider buffers, as the attention lays them out.
-    scores = torch.full((HEADS, rows, n + 5), float("nan"))
-    cpu_kernels.prefix_scores(query, keys, scores)
-    torch.testing.assert_close(scores[..., :n], query @ keys.transpose(-1, -2), rtol=1e-5, atol=1e-5)
-    assert scores[..., n:].isnan().all()  # nothing written past the prefix's columns
-    weights = torch.softmax(scores[..., :n], dim=-1)
-    out = torch.empty(HEADS, rows, dim)
-    cpu_kernels.weighted_values(weights, values, out)
-    torch.testing.assert_close(out, weights @ values, rtol=1e-5, atol=1e-5)
+def _reference_attention(query, prefix_keys, prefix_values, keys, values, mask, q_len):
+    """``cpu_kernels.attend`` in torch's operations, row by row."""
+    heads, rows, _ = query.shape
+    per_batch = rows // keys.shape[0]
+    out = torch.empty_like(query)
+    for r in range(rows):
+        b = r // per_batch
+        k = torch.cat([prefix_keys, keys[b]], dim=1)
+        v = torch.cat([prefix_values, values[b]], dim=1)
+        scores = torch.einsum("hd,hnd->hn", query[:, r], k)
+        if mask is not None:
+            visible = torch.cat([torch.ones(prefix_keys.shape[1], dtype=torch.bool), mask[b, (r % per_batch) % q_len]])
+            scores = scores.masked_fill(~visible, float("-inf"))
+        out[:, r] = torch.einsum("hn,hnd->hd", torch.softmax(scores, dim=-1), v)
+    return out
+
+
+def _attention_inputs(batch, rows, n, s, dim, q_len=1, seed=0):
+    torch.manual_seed(seed)
+    query = torch.randn(HEADS, batch * rows, dim) * dim**-0.5
+    prefix = torch.randn(HEADS, n, dim), torch.randn(HEADS, n, dim)
+    suffix = torch.randn(batch, HEADS, s, dim), torch.randn(batch, HEADS, s, dim)
+    return query, *prefix, *suffix
 
 
 @needs_kernels
-def test_a_row_is_summed_the_same_alone_in_a_batch_and_on_two_threads():
-    torch.manual_seed(0)
-    query, keys, values = torch.randn(HEADS, 9, 64), torch.randn(HEADS, 2000, 64), torch.randn(HEADS, 2000, 64)
-    weights = torch.softmax(torch.randn(HEADS, 9, 2000), dim=-1)
+@pytest.mark.parametrize("batch, rows, n, s, dim", [(1, 1, 1, 1, 16), (1, 3, 1000, 7, 64), (2, 9, 300, 17, 80),
+                                                     (1, 24, 513, 33, 128), (3, 51, 700, 2, 64)])
+def test_attention_matches_torch(batch, rows, n, s, dim):
+    query, pk, pv, k, v = _attention_inputs(batch, rows, n, s, dim, seed=rows)
+    out = cpu_kernels.attend(query, pk, pv, k, v, None, 1)
+    torch.testing.assert_close(out, _reference_attention(query, pk, pv, k, v, None, 1), rtol=1e-5, atol=1e-5)
 
-    def both(q, w):
-        scores, out = torch.empty(HEADS, q.shape[1], 2000), torch.empty(HEADS, q.shape[1], 64)
-        cpu_kernels.prefix_scores(q.contiguous(), keys, scores)
-        cpu_kernels.weighted_values(w, values, out)
-        return scores, out
 
+@needs_kernels
+def test_attention_masks_padding_and_later_tokens():
+    q_len, s = 4, 10
+    query, pk, pv, k, v = _attention_inputs(2, 3 * q_len, 200, s, 64)
+    mask = torch.ones(2, q_len, s, dtype=torch.bool).tril(diagonal=s - q_len)
+    mask[0, :, :3] = False  # three columns of left padding in the first row
+    out = cpu_kernels.attend(query, pk, pv, k, v, mask, q_len)
+    torch.testing.assert_close(out, _reference_attention(query, pk, pv, k, v, mask, q_len), rtol=1e-5, atol=1e-5)
+    # A masked column weighs nothing: what its (finite) keys and values hold does not matter.
+    k[0, :, :3], v[0, :, :3] = 1e4, -1e30
+    assert torch.equal(cpu_kernels.attend(query, pk, pv, k, v, mask, q_len), out)
+
+
+@needs_kernels
+def test_a_row_is_summed_the_same_alone_in_a_batch_with_padding_and_on_two_threads():
+    query, pk, pv, k, v = _attention_inputs(1, 21, 2000, 6, 64)
+    together = cpu_kernels.attend(query, pk, pv, k, v, None, 1)
     threads = torch.get_num_threads()
-    together = both(query, weights)
     try:
         torch.set_num_threads(2)
-        on_two = both(query, weights)
+        assert torch.equal(cpu_kernels.attend(query, pk, pv, k, v, None, 1), together)
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(together, on_two))
-    for row in (0, 4, 8):
-        alone = both(query[:, row : row + 1], weights[:, row : row + 1])
-        assert torch.equal(alone[0], together[0][:, row : row + 1])
-        assert torch.equal(alone[1], together[1][:, row : row + 1])
+    for row in (0, 4, 20):
+        alone = cpu_kernels.attend(query[:, row : row + 1].contiguous(), pk, pv, k, v, None, 1)
+        assert torch.equal(alone, together[:, row : row + 1])
+    # The same rows behind two columns of left padding, batched with another row's suffix.
+    padded_k, padded_v = torch.randn(2, HEADS, 8, 64), torch.randn(2, HEADS, 8, 64)
+    padded_k[0, :, 2:], padded_v[0, :, 2:] = k[0], v[0]
+    mask = torch.ones(2, 1, 8, dtype=torch.bool)
+    mask[0, :, :2] = False
+    both = cpu_kernels.attend(torch.cat([query, query], dim=1), pk, pv, padded_k, padded_v, mask, 1)
+    assert torch.equal(both[:, :21], together)
 
 
 @needs_kernels
-def test_shared_prefix_attention_agrees_with_the_torch_route(monkeypatch):
+def test_shared_prefix_attention_agrees_with_the_torch_route():
     torch.manual_seed(0)
     b, heads, q_len, s, n, dim = 2, 6, 3, 5, 400, 32
     query = torch.randn(b, heads, q_len, dim)
@@ -93,10 +119,9 @@ def test_shared_prefix_attention_agrees_with_the_torch_route(monkeypatch):
     mask = torch.ones(b, 1, q_len, s, dtype=torch.bool)
     mask[0, :, :, :2] = False  # left padding in the first row
     mask[..., -2:] = torch.ones(q_len, 2, dtype=torch.bool).tril()  # causal among the new tokens
-    args = (query, key, value, mask, prefix_keys, prefix_values, dim**-0.5)
-    with_kernels = batch._attend(*args)
-    monkeypatch.setattr(cpu_kernels, "usable", lambda *tensors: False)
-    torch.testing.assert_close(with_kernels, batch._attend(*args), rtol=1e-5, atol=1e-6)
+    with_kernels = batch._attend_kernels(query, key, value, mask, prefix_keys[0], prefix_values[0], dim**-0.5)
+    with_torch = batch._attend(query, key, value, mask, prefix_keys, prefix_values, dim**-0.5)
+    torch.testing.assert_close(with_kernels, with_torch, rtol=1e-5, atol=1e-6)
 
 
 def test_tensors_the_kernels_cannot_take_are_left_to_torch():
