@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from . import cpu_kernels
+from .llama_step import llama_step
 from .model import LoadedModel, forward
 
 __all__ = [
@@ -451,6 +452,10 @@ class SharedPrefixBatch:
         mask = None
         if q_len > 1 or bool((self._pad > 0).any()):
             mask = self._mask(columns)
+        step = llama_step(self.lm.model)
+        if step is not None and step.takes(self.cache, ids):
+            with torch.inference_mode():
+                return step(self.cache, ids, positions, mask)
         with torch.inference_mode(), _attention_swapped(self.lm.model):
             out = forward(
                 self.lm.model,

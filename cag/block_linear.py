@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -29,9 +29,9 @@ from torch.nn import functional as F
 from . import cpu_kernels
 from .gguf_blocks import GROUP, HEAD, Q8_0_BYTES, dequantize, kept_tensors, keep_tensors, linear_blocks, split_q4_1, split_q8_0
 
-__all__ = ["BlockReadLinear", "use_block_read_linears"]
+__all__ = ["BlockReadLinear", "fuse_block_linears", "use_block_read_linears"]
 
-_MAX_ROWS = 16  # at 8 rows the blocks still took half the float32 product's time; a prefill takes BLAS
+MAX_BLOCK_ROWS = 16  # at 8 rows the blocks still took half the float32 product's time; a prefill takes BLAS
 
 
 class BlockReadLinear(nn.Module):
@@ -52,17 +52,36 @@ class BlockReadLinear(nn.Module):
             codes, scales = blocks[..., 4:], torch.stack([d.float(), m.float()], dim=-1)
         self.register_buffer("codes", codes.contiguous(), persistent=False)
         self.register_buffer("scales", scales.contiguous(), persistent=False)
-        make = cpu_kernels.q8_0_product if self.format == "q8_0" else cpu_kernels.q4_1_product
-        self._product = make(self.codes, self.scales)
+        self._product = self.product_of(self.codes, self.scales)
+
+    def product_of(self, codes: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The kernel's product over blocks of this layer's format."""
+        return (cpu_kernels.q8_0_product if self.format == "q8_0" else cpu_kernels.q4_1_product)(codes, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > _MAX_ROWS or x.dtype != torch.float32 or torch.is_grad_enabled() and x.requires_grad:
+        if rows.shape[0] > MAX_BLOCK_ROWS or x.dtype != torch.float32 or torch.is_grad_enabled() and x.requires_grad:
             return F.linear(x, self.weight)
         return self._product(rows.contiguous()).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.format}"
+
+
+def fuse_block_linears(linears: Sequence[BlockReadLinear]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One product for layers of one format over the same input, their outputs side by side.
+
+    The layers' blocks move into one tensor and each layer keeps views of its rows, so nothing
+    is held twice. Each output is summed alone, so the fused product's columns are bit for bit
+    the layers' own products."""
+    codes, scales = torch.cat([m.codes for m in linears]), torch.cat([m.scales for m in linears])
+    start = 0
+    for m in linears:
+        end = start + m.out_features
+        m.codes, m.scales = codes[start:end], scales[start:end]
+        m._product = m.product_of(m.codes, m.scales)
+        start = end
+    return linears[0].product_of(codes, scales)
 
 
 def use_block_read_linears(model: Any, gguf_path: str | os.PathLike, weights_hash: str, kept: Path | None = None) -> int:

@@ -4,6 +4,10 @@
  * cag_attend: attention over a shared prefix and each row's own suffix, float32, head dim a
  * multiple of 16, last dimensions contiguous: scores dot(q, k), one softmax over the prefix's and
  * the suffix's, then the values summed in order, prefix first.
+ * cag_rms_norm: out = w * (x * (1 / sqrt(mean(x^2) + eps))) over each row's last dimension, as
+ * Llama's RMSNorm computes it.
+ * cag_rotary: Llama's rotary embedding, x * cos + rotate_half(x) * sin, rounded as torch rounds
+ * it (compiled with -ffp-contract=off, so no product and sum are fused), then times a scale.
  * Linear layers over ggml Q4_1 or Q8_0 blocks:
  *   q4_1_linear, q8_0_linear: out[m, j] = dot(x[m, :], weight row j), each weight computed
  *   from its block exactly as de-quantizing the block once gives it
@@ -13,6 +17,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 
 int cag_available(void) {
@@ -199,6 +204,41 @@ int cag_attend(const float *q, int H, int R, int D, int rows_per_batch, int q_le
 #else
     return -1;
 #endif
+}
+
+void cag_rms_norm(const float *x, const float *w, float *out, long rows, int dim, float eps, int threads) {
+#if defined(__AVX512F__)
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows >= 64)
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *o = out + r * dim;
+        __m512 squares = _mm512_setzero_ps();
+        for (int c = 0; c < dim; c += 16) {
+            __m512 v = _mm512_loadu_ps(xr + c);
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / dim + eps));
+        for (int c = 0; c < dim; c += 16)
+            _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(w + c), _mm512_mul_ps(_mm512_loadu_ps(xr + c), scale)));
+    }
+#endif
+}
+
+/* x [B, heads, D] (strides x_bs, x_hs), cos and sin [B, D] (stride cs_bs); row (b, h) is written to
+ * row (h / group) * B * group + b * group + h % group of out [.., D]: with group = heads, out is
+ * [B, heads, D]; with group = heads per key/value head, it is the attention's [kv heads, B x group, D]. */
+void cag_rotary(const float *x, long x_bs, long x_hs, int B, int heads, int D, const float *cos, const float *sin,
+                long cs_bs, float scale, int group, float *out) {
+    int half = D / 2;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < heads; h++) {
+            const float *xr = x + b * x_bs + h * x_hs, *c = cos + b * cs_bs, *s = sin + b * cs_bs;
+            float *o = out + ((long)(h / group) * B * group + (long)b * group + h % group) * D;
+            for (int i = 0; i < half; i++) {
+                o[i] = (xr[i] * c[i] - xr[i + half] * s[i]) * scale;
+                o[i + half] = (xr[i + half] * c[i + half] + xr[i] * s[i + half]) * scale;
+            }
+        }
 }
 
 #if defined(__AVX512F__)

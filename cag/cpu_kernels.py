@@ -39,10 +39,10 @@ import torch
 
 from .home import cag_home
 
-__all__ = ["attend", "available", "q4_1_product", "q8_0_product", "usable"]
+__all__ = ["attend", "available", "q4_1_product", "q8_0_product", "rms_norm", "rotary", "usable"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
@@ -90,6 +90,32 @@ def attend(query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.
     )
     if failed:
         raise MemoryError("no memory for the attention's scores")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x**2, -1) + eps))`` for float32 ``x`` ``[..., D]`` (contiguous) and
+    ``weight`` ``[D]``, D a multiple of 16: Llama's RMSNorm in one call instead of eight operations."""
+    dim = x.shape[-1]
+    _check(x.is_contiguous() and weight.shape == (dim,) and weight.is_contiguous() and weight.dtype == torch.float32)
+    out = torch.empty_like(x)
+    _library().cag_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps,
+                            torch.get_num_threads())
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0, group: int | None = None) -> torch.Tensor:
+    """``(x * cos + rotate_half(x) * sin) * scale`` for ``x`` ``[B, heads, D]`` (float32, the last
+    dimension contiguous) and ``cos``/``sin`` ``[B, D]``, bit for bit torch's. ``group`` None returns
+    ``[B, heads, D]``; else ``[heads / group, B * group, D]``, key/value head h // group's query rows
+    as ``cpu_kernels.attend`` takes them."""
+    batch, heads, dim = x.shape
+    group = group or heads
+    _check(x.stride(-1) == 1 and cos.shape == sin.shape == (batch, dim) and cos.stride() == sin.stride()
+           and cos.stride(-1) == 1 and heads % group == 0 and dim % 2 == 0)
+    out = torch.empty(heads // group, batch * group, dim) if group != heads else torch.empty(batch, heads, dim)
+    _library().cag_rotary(x.data_ptr(), x.stride(0), x.stride(1), batch, heads, dim, cos.data_ptr(), sin.data_ptr(),
+                          cos.stride(0), scale, group, out.data_ptr())
     return out
 
 
@@ -150,8 +176,11 @@ def _library() -> ctypes.CDLL | None:
         + [pointer, pointer, integer] + [long] * 6 + [pointer, long, long, pointer, integer]
     )
     lib.cag_attend.restype = integer
+    lib.cag_rotary.argtypes = [pointer, long, long, integer, integer, integer, pointer, pointer, long,
+                               ctypes.c_float, integer, pointer]
+    lib.cag_rms_norm.argtypes = [pointer] * 3 + [long, integer, ctypes.c_float, integer]
     lib.cag_q4_1_linear.argtypes = lib.cag_q8_0_linear.argtypes = [pointer] * 4 + [integer] * 3 + [long] * 2 + [integer]
-    for name in ("cag_q4_1_linear", "cag_q8_0_linear"):
+    for name in ("cag_rotary", "cag_rms_norm", "cag_q4_1_linear", "cag_q8_0_linear"):
         getattr(lib, name).restype = None
     return lib
 

@@ -29,6 +29,7 @@ import torch
 from .errors import ModelError
 from .block_linear import blocks_file, use_block_read_linears
 from .head import use_half_read_head
+from .rms_norm import use_compiled_norms
 from .home import models_dir
 
 __all__ = [
@@ -247,6 +248,7 @@ def _wrap(model: Any, tokenizer: Any, *, name: str, weights_hash: str | None, qu
     if quantize is None and gguf is not None:
         use_block_read_linears(model, gguf, weights_hash, blocks_file(models_dir(home) / "blocks", gguf))
     use_half_read_head(model)
+    use_compiled_norms(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

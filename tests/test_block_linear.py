@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 import cag
 from cag import cpu_kernels
-from cag.block_linear import _MAX_ROWS, BlockReadLinear, use_block_read_linears
+from cag.block_linear import MAX_BLOCK_ROWS, BlockReadLinear, use_block_read_linears
 from cag.measure.bench import weight_bytes_per_step
 
 from conftest import make_tiny_model, write_tiny_gguf
@@ -50,7 +50,7 @@ def test_the_blocks_give_the_float32_product_and_each_row_its_own_sum(tiny_with_
             assert torch.equal(layer(x[row : row + 1]), together[row : row + 1])
         for rows in (2, 3, 6):  # every way the kernel groups rows
             assert torch.equal(layer(x[:rows]), together[:rows])
-        many = torch.randn(_MAX_ROWS + 1, layer.in_features)
+        many = torch.randn(MAX_BLOCK_ROWS + 1, layer.in_features)
         assert torch.equal(layer(many), F.linear(many, layer.weight))  # a prefill: BLAS, as before
 
 

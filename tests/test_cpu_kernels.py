@@ -124,6 +124,34 @@ def test_shared_prefix_attention_agrees_with_the_torch_route():
     torch.testing.assert_close(with_kernels, with_torch, rtol=1e-5, atol=1e-6)
 
 
+@needs_kernels
+def test_rms_norm_and_rotary_match_the_models_own():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(5, 7, 96) * 3
+    out = cpu_kernels.rms_norm(x, norm.weight, 1e-5)
+    torch.testing.assert_close(out, norm(x), rtol=2e-6, atol=2e-6)
+    assert torch.equal(cpu_kernels.rms_norm(x[2:3].contiguous(), norm.weight, 1e-5), out[2:3])
+    q, k = torch.randn(2, 6, 1, 32), torch.randn(2, 3, 1, 32)
+    cos, sin = torch.randn(2, 1, 32), torch.randn(2, 1, 32)
+    q_embed, k_embed = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(cpu_kernels.rotary(k[:, :, 0], cos[:, 0], sin[:, 0]), k_embed[:, :, 0])  # bit for bit
+    # Scaled and laid out as the attention takes its query rows: [kv heads, batch x group, dim].
+    as_rows = (q_embed * 0.25).reshape(2, 3, 2, 32).transpose(0, 1).reshape(3, 4, 32)
+    assert torch.equal(cpu_kernels.rotary(q[:, :, 0], cos[:, 0], sin[:, 0], 0.25, 2), as_rows)
+
+
+def test_a_wrapped_model_normalises_through_the_kernel_when_it_can(tiny):
+    from cag.rms_norm import CompiledRMSNorm
+
+    norms = [m for m in tiny.model.modules() if isinstance(m, CompiledRMSNorm)]
+    assert len(norms) == (2 * tiny.model.config.num_hidden_layers + 1 if cpu_kernels.available() else 0)
+
+
 def test_tensors_the_kernels_cannot_take_are_left_to_torch():
     assert not cpu_kernels.usable(torch.randn(3, 4, 24))  # head dim not a multiple of 16
     assert not cpu_kernels.usable(torch.randn(3, 4, 64, dtype=torch.bfloat16))
