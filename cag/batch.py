@@ -453,7 +453,7 @@ class SharedPrefixBatch:
         if q_len > 1 or bool((self._pad > 0).any()):
             mask = self._mask(columns)
         step = llama_step(self.lm.model)
-        if step is not None and step.takes(self.cache, ids):
+        if step is not None and step.takes(self.cache):
             with torch.inference_mode():
                 return step(self.cache, ids, positions, mask)
         with torch.inference_mode(), _attention_swapped(self.lm.model):

@@ -224,21 +224,23 @@ void cag_rms_norm(const float *x, const float *w, float *out, long rows, int dim
 #endif
 }
 
-/* x [B, heads, D] (strides x_bs, x_hs), cos and sin [B, D] (stride cs_bs); row (b, h) is written to
- * row (h / group) * B * group + b * group + h % group of out [.., D]: with group = heads, out is
- * [B, heads, D]; with group = heads per key/value head, it is the attention's [kv heads, B x group, D]. */
-void cag_rotary(const float *x, long x_bs, long x_hs, int B, int heads, int D, const float *cos, const float *sin,
-                long cs_bs, float scale, int group, float *out) {
+/* x [B, L, heads, D] (strides x_bs, x_ts, x_hs), cos and sin [B, L, D] (stride cs_rs per token). Token t of batch b, head h, is written to row ((h / group) * B + b) * group * L + (h % group)
+ * * L + t of out [.., D]: with group = heads, out is [B, heads, L, D], as the cache takes keys; with
+ * group = the query heads per key/value head, it is the attention's [kv heads, B x group x L, D]. */
+void cag_rotary(const float *x, long x_bs, long x_ts, long x_hs, int B, int L, int heads, int D, const float *cos,
+                const float *sin, long cs_rs, float scale, int group, float *out) {
     int half = D / 2;
     for (int b = 0; b < B; b++)
-        for (int h = 0; h < heads; h++) {
-            const float *xr = x + b * x_bs + h * x_hs, *c = cos + b * cs_bs, *s = sin + b * cs_bs;
-            float *o = out + ((long)(h / group) * B * group + (long)b * group + h % group) * D;
-            for (int i = 0; i < half; i++) {
-                o[i] = (xr[i] * c[i] - xr[i + half] * s[i]) * scale;
-                o[i + half] = (xr[i + half] * c[i + half] + xr[i] * s[i + half]) * scale;
+        for (int t = 0; t < L; t++)
+            for (int h = 0; h < heads; h++) {
+                long token = (long)b * L + t;
+                const float *xr = x + b * x_bs + t * x_ts + h * x_hs, *c = cos + token * cs_rs, *s = sin + token * cs_rs;
+                float *o = out + ((((long)(h / group) * B + b) * group + h % group) * L + t) * D;
+                for (int i = 0; i < half; i++) {
+                    o[i] = (xr[i] * c[i] - xr[i + half] * s[i]) * scale;
+                    o[i + half] = (xr[i + half] * c[i + half] + xr[i] * s[i + half]) * scale;
+                }
             }
-        }
 }
 
 #if defined(__AVX512F__)

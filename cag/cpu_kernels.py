@@ -105,17 +105,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: float = 1.0, group: int | None = None) -> torch.Tensor:
-    """``(x * cos + rotate_half(x) * sin) * scale`` for ``x`` ``[B, heads, D]`` (float32, the last
-    dimension contiguous) and ``cos``/``sin`` ``[B, D]``, bit for bit torch's. ``group`` None returns
-    ``[B, heads, D]``; else ``[heads / group, B * group, D]``, key/value head h // group's query rows
-    as ``cpu_kernels.attend`` takes them."""
-    batch, heads, dim = x.shape
+    """``(x * cos + rotate_half(x) * sin) * scale``, bit for bit torch's, for ``x`` ``[B, L, heads, D]``
+    (float32, the last dimension contiguous; the projection's layout) and ``cos``/``sin`` ``[B, L, D]``.
+    ``group`` None returns ``[B, heads, L, D]``, as the cache takes keys; else ``[heads / group,
+    B * group * L, D]``, key/value head h // group's query rows as ``attend`` takes them."""
+    batch, tokens, heads, dim = x.shape
     group = group or heads
-    _check(x.stride(-1) == 1 and cos.shape == sin.shape == (batch, dim) and cos.stride() == sin.stride()
-           and cos.stride(-1) == 1 and heads % group == 0 and dim % 2 == 0)
-    out = torch.empty(heads // group, batch * group, dim) if group != heads else torch.empty(batch, heads, dim)
-    _library().cag_rotary(x.data_ptr(), x.stride(0), x.stride(1), batch, heads, dim, cos.data_ptr(), sin.data_ptr(),
-                          cos.stride(0), scale, group, out.data_ptr())
+    _check(x.stride(-1) == 1 and cos.shape == sin.shape == (batch, tokens, dim)
+           and cos.is_contiguous() and sin.is_contiguous() and heads % group == 0 and dim % 2 == 0)
+    shape = (batch, heads, tokens, dim) if group == heads else (heads // group, batch * group * tokens, dim)
+    out = torch.empty(shape)
+    _library().cag_rotary(x.data_ptr(), *x.stride()[:3], batch, tokens, heads, dim, cos.data_ptr(),
+                          sin.data_ptr(), dim, scale, group, out.data_ptr())
     return out
 
 
@@ -176,8 +177,8 @@ def _library() -> ctypes.CDLL | None:
         + [pointer, pointer, integer] + [long] * 6 + [pointer, long, long, pointer, integer]
     )
     lib.cag_attend.restype = integer
-    lib.cag_rotary.argtypes = [pointer, long, long, integer, integer, integer, pointer, pointer, long,
-                               ctypes.c_float, integer, pointer]
+    lib.cag_rotary.argtypes = [pointer, long, long, long] + [integer] * 4 + [pointer, pointer, long, ctypes.c_float,
+                                                                       integer, pointer]
     lib.cag_rms_norm.argtypes = [pointer] * 3 + [long, integer, ctypes.c_float, integer]
     lib.cag_q4_1_linear.argtypes = lib.cag_q8_0_linear.argtypes = [pointer] * 4 + [integer] * 3 + [long] * 2 + [integer]
     for name in ("cag_rotary", "cag_rms_norm", "cag_q4_1_linear", "cag_q8_0_linear"):

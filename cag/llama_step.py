@@ -1,4 +1,4 @@
-"""A Llama decode step over a shared prefix in a few dozen compiled calls, without transformers' modules.
+"""A Llama forward step over a shared prefix in a few compiled calls a layer, without transformers' modules.
 
 At one row a decode step is small work in many pieces: through transformers, SmolLM2's
 step runs about 1,500 torch operations and 400 module calls, 15-18 ms of a 40 ms step on
@@ -9,9 +9,12 @@ fuses what shares an input: q|k|v and gate|up are one product each. Every output
 block product is summed alone, so fusing changes no bit, and the rotary loop rounds as
 torch does: the logits are bit for bit those of the model's own forward.
 
+A question's prefill over the context takes the same step with more tokens a row: its
+products go through BLAS, as the layers' own do for more than ``MAX_BLOCK_ROWS`` rows.
+
 It covers what it checks: a Llama model whose linears are all ``BlockReadLinear`` of one
-format and whose norms are ``CompiledRMSNorm``, no biases, a SiLU MLP, a step of at most
-``MAX_BLOCK_ROWS`` rows of one token. Anything else goes through transformers as before.
+format and whose norms are ``CompiledRMSNorm``, no biases, a SiLU MLP, and a context
+prefix the compiled attention reads. Anything else goes through transformers as before.
 """
 
 from __future__ import annotations
@@ -31,21 +34,32 @@ _steps: "weakref.WeakKeyDictionary[Any, LlamaStep | None]" = weakref.WeakKeyDict
 
 
 class _Layer:
-    """One decoder layer's parts, the q|k|v and gate|up products fused."""
+    """One decoder layer's parts, the q|k|v and gate|up block products fused."""
 
     def __init__(self, layer: Any) -> None:
         attention, mlp = layer.self_attn, layer.mlp
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv: Callable = fuse_block_linears([attention.q_proj, attention.k_proj, attention.v_proj])
-        self.gate_up: Callable = fuse_block_linears([mlp.gate_proj, mlp.up_proj])
-        self.o_proj, self.down_proj, self.act = attention.o_proj, mlp.down_proj, mlp.act_fn
-        self.q_width, self.kv_width = attention.q_proj.out_features, attention.k_proj.out_features
-        self.inner = mlp.gate_proj.out_features
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+        self.gate_proj, self.up_proj, self.down_proj, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.qkv: Callable = fuse_block_linears([self.q_proj, self.k_proj, self.v_proj])
+        self.gate_up: Callable = fuse_block_linears([self.gate_proj, self.up_proj])
         self.scaling = attention.scaling
+
+    def projections(self, x: torch.Tensor, few: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not few:  # a prefill's rows: each layer's own product, through BLAS as the layer does it
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv(x).split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=1)
+
+    def mlp(self, x: torch.Tensor, few: bool) -> torch.Tensor:
+        if few:
+            gate, up = self.gate_up(x).split([self.gate_proj.out_features, self.up_proj.out_features], dim=1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaStep:
-    """``step(cache, ids, positions, mask) -> logits`` for one token per row; see the module."""
+    """``step(cache, ids, positions, mask) -> last logits`` over a ``SharedPrefixCache``; see the module."""
 
     def __init__(self, model: Any) -> None:
         config = model.config
@@ -55,32 +69,31 @@ class LlamaStep:
         self.layers = [_Layer(layer) for layer in model.model.layers]
 
     def __call__(self, cache: Any, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """``ids`` and ``positions`` ``[B, 1]``; ``mask`` None or ``[B, 1, 1, suffix]`` booleans over the
-        suffix after this token is added (True attends). Returns the next logits, ``[B, vocab]``."""
-        batch, dim, group = ids.shape[0], self.head_dim, self.heads // self.kv_heads
+        """``ids`` and ``positions`` ``[B, L]``; ``mask`` None or ``[B, 1, L, suffix]`` booleans over the
+        suffix once these tokens are added (True attends). Returns the last token's logits, ``[B, vocab]``."""
+        batch, tokens = ids.shape
+        dim, group = self.head_dim, self.heads // self.kv_heads
+        few = batch * tokens <= MAX_BLOCK_ROWS
         x = self.model.model.embed_tokens(ids)
-        cos, sin = (t[:, 0].contiguous() for t in self.model.model.rotary_emb(x, positions))
-        x = x.view(batch, -1)
+        cos, sin = (t.contiguous() for t in self.model.model.rotary_emb(x, positions))
+        x = x.view(batch * tokens, -1)
         visible = None if mask is None else mask[:, 0]
         for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(layer.input_norm(x))
-            q, k, v = qkv.split([layer.q_width, layer.kv_width, layer.kv_width], dim=1)
-            query = cpu_kernels.rotary(q.view(batch, self.heads, dim), cos, sin, layer.scaling, group)
-            key = cpu_kernels.rotary(k.view(batch, self.kv_heads, dim), cos, sin)
+            q, k, v = layer.projections(layer.input_norm(x), few)
+            query = cpu_kernels.rotary(q.view(batch, tokens, self.heads, dim), cos, sin, layer.scaling, group)
+            key = cpu_kernels.rotary(k.view(batch, tokens, self.kv_heads, dim), cos, sin)
             suffix = cache.layers[index]
-            keys, values = suffix.update(key.unsqueeze(2), v.view(batch, self.kv_heads, 1, dim))
-            out = cpu_kernels.attend(query, suffix.prefix_keys[0], suffix.prefix_values[0], keys, values, visible, 1)
-            out = out.view(self.kv_heads, batch, group * dim).transpose(0, 1).reshape(batch, -1)
+            keys, values = suffix.update(key, v.view(batch, tokens, self.kv_heads, dim).transpose(1, 2))
+            out = cpu_kernels.attend(query, suffix.prefix_keys[0], suffix.prefix_values[0], keys, values, visible, tokens)
+            out = out.view(self.kv_heads, batch, group, tokens, dim).permute(1, 3, 0, 2, 4).reshape(batch * tokens, -1)
             x = x + layer.o_proj(out)
-            gate, up = layer.gate_up(layer.post_norm(x)).split([layer.inner, layer.inner], dim=1)
-            x = x + layer.down_proj(layer.act(gate) * up)
-        return self.model.get_output_embeddings()(self.model.model.norm(x)).float()
+            x = x + layer.mlp(layer.post_norm(x), few)
+        last = x.view(batch, tokens, -1)[:, -1]
+        return self.model.get_output_embeddings()(self.model.model.norm(last)).float()
 
-    def takes(self, cache: Any, ids: torch.Tensor) -> bool:
-        """Whether this step can run ``ids`` on ``cache``: one token per row, few rows, a prefix
-        in every layer that the compiled attention reads."""
-        if ids.dim() != 2 or ids.shape[1] != 1 or ids.shape[0] > MAX_BLOCK_ROWS:
-            return False
+    def takes(self, cache: Any) -> bool:
+        """Whether this step can run on ``cache``: a prefix in every layer that the compiled
+        attention reads."""
         layer = cache.layers[0]
         return layer.prefix_keys is not None and cpu_kernels.usable(layer.prefix_keys, layer.prefix_values)
 

@@ -136,13 +136,13 @@ def test_rms_norm_and_rotary_match_the_models_own():
     out = cpu_kernels.rms_norm(x, norm.weight, 1e-5)
     torch.testing.assert_close(out, norm(x), rtol=2e-6, atol=2e-6)
     assert torch.equal(cpu_kernels.rms_norm(x[2:3].contiguous(), norm.weight, 1e-5), out[2:3])
-    q, k = torch.randn(2, 6, 1, 32), torch.randn(2, 3, 1, 32)
-    cos, sin = torch.randn(2, 1, 32), torch.randn(2, 1, 32)
-    q_embed, k_embed = apply_rotary_pos_emb(q, k, cos, sin)
-    assert torch.equal(cpu_kernels.rotary(k[:, :, 0], cos[:, 0], sin[:, 0]), k_embed[:, :, 0])  # bit for bit
-    # Scaled and laid out as the attention takes its query rows: [kv heads, batch x group, dim].
-    as_rows = (q_embed * 0.25).reshape(2, 3, 2, 32).transpose(0, 1).reshape(3, 4, 32)
-    assert torch.equal(cpu_kernels.rotary(q[:, :, 0], cos[:, 0], sin[:, 0], 0.25, 2), as_rows)
+    q, k = torch.randn(2, 4, 6, 32), torch.randn(2, 4, 3, 32)  # [batch, tokens, heads, dim], as projected
+    cos, sin = torch.randn(2, 4, 32), torch.randn(2, 4, 32)
+    q_embed, k_embed = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert torch.equal(cpu_kernels.rotary(k, cos, sin), k_embed)  # bit for bit, [batch, heads, tokens, dim]
+    # Scaled and laid out as the attention takes its query rows: [kv heads, batch x group x tokens, dim].
+    as_rows = (q_embed * 0.25).reshape(2, 3, 2, 4, 32).transpose(0, 1).reshape(3, 16, 32)
+    assert torch.equal(cpu_kernels.rotary(q, cos, sin, 0.25, 2), as_rows)
 
 
 def test_a_wrapped_model_normalises_through_the_kernel_when_it_can(tiny):

@@ -17,7 +17,7 @@ from conftest import make_tiny_model, write_tiny_gguf
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no compiled CPU kernels here")
 
 CONTEXT = list(range(5, 90))
-PROMPTS = [[7, 8, 9], [10, 11, 12, 13, 14, 15]]
+PROMPTS = [[7, 8, 9], list(range(10, 20))]  # a prefill of 2 x 10 rows: more than the block products take
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def test_the_step_gives_the_models_own_logits_bit_for_bit(with_blocks, monkeypat
     original = llama_step.LlamaStep.__call__
     monkeypatch.setattr(llama_step.LlamaStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
     fast = _decode(with_blocks, steps=4)
-    assert len(calls) == 6  # every decode step (batch with padding, then one row) took the compiled step
+    assert len(calls) == 7  # the prompts' prefill and every decode step (with padding, then one row alone)
     monkeypatch.setattr(batch_module, "llama_step", lambda model: None)
     slow = _decode(with_blocks, steps=4)
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
