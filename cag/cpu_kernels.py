@@ -11,6 +11,8 @@
   weights are computed in registers from the blocks, exactly as de-quantizing them once
   does, so a decode step reads 101 MB instead of 427 MB of float32 for SmolLM2's 210
   linears (10 ms against 39 ms at one row, one thread) and 32 MB for its head.
+* Llama's RMSNorm and rotary embedding, each one call instead of eight to ten torch
+  operations (``cag.rms_norm``, ``cag.llama_step``); the rotary loop rounds as torch does.
 
 Every output is summed in one order, whatever the number of rows or threads or a row's left
 padding, so a question's result does not depend on what is batched with it.
