@@ -292,8 +292,7 @@ def _attend_kernels(query, key, value, mask, prefix_keys, prefix_values, scale) 
     if mask is not None:
         mask = mask[:, 0].expand(batch, q_len, mask.shape[-1])
         mask = mask if mask.stride(-1) == 1 else mask.contiguous()
-    out = cpu_kernels.attend(q, prefix_keys, prefix_values, key, value, mask, q_len)
-    return out.view(kv_heads, batch, group, q_len, dim).permute(1, 3, 0, 2, 4).reshape(batch, q_len, heads, dim)
+    return cpu_kernels.rows_to_tokens(cpu_kernels.attend(q, prefix_keys, prefix_values, key, value, mask, q_len), batch, q_len)
 
 
 def _register() -> None:

@@ -41,7 +41,7 @@ import torch
 
 from .home import cag_home
 
-__all__ = ["attend", "available", "q4_1_product", "q8_0_product", "rms_norm", "rotary", "usable"]
+__all__ = ["attend", "available", "q4_1_product", "q8_0_product", "rms_norm", "rotary", "rows_to_tokens", "usable"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
@@ -93,6 +93,14 @@ def attend(query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.
     if failed:
         raise MemoryError("no memory for the attention's scores")
     return out
+
+
+def rows_to_tokens(out: torch.Tensor, batch: int, query_length: int) -> torch.Tensor:
+    """``attend``'s ``[H, R, D]`` as ``[B, query_length, H * group, D]``, query head h * group + g of
+    token t in batch b being key/value head h's row ``g * query_length + t`` of that batch."""
+    heads, rows, dim = out.shape
+    group = rows // (batch * query_length)
+    return out.view(heads, batch, group, query_length, dim).permute(1, 3, 0, 2, 4).reshape(batch, query_length, -1, dim)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

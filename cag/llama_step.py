@@ -85,8 +85,7 @@ class LlamaStep:
             suffix = cache.layers[index]
             keys, values = suffix.update(key, v.view(batch, tokens, self.kv_heads, dim).transpose(1, 2))
             out = cpu_kernels.attend(query, suffix.prefix_keys[0], suffix.prefix_values[0], keys, values, visible, tokens)
-            out = out.view(self.kv_heads, batch, group, tokens, dim).permute(1, 3, 0, 2, 4).reshape(batch * tokens, -1)
-            x = x + layer.o_proj(out)
+            x = x + layer.o_proj(cpu_kernels.rows_to_tokens(out, batch, tokens).reshape(batch * tokens, -1))
             x = x + layer.mlp(layer.post_norm(x), few)
         last = x.view(batch, tokens, -1)[:, -1]
         return self.model.get_output_embeddings()(self.model.model.norm(last)).float()

@@ -32,8 +32,8 @@ class CompiledRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() and x.requires_grad:
-            variance = x.float().pow(2).mean(-1, keepdim=True)
-            return self.weight * (x.float() * torch.rsqrt(variance + self.variance_epsilon)).to(x.dtype)
+            wide = x.float()
+            return self.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
         return cpu_kernels.rms_norm(x.contiguous(), self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
