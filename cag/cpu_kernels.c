@@ -1,5 +1,10 @@
-/* cag's CPU loops, compiled with -march=native by cag.cpu_kernels; without AVX-512 the
- * library reports itself unavailable and cag uses torch's operations instead.
+/* cag's CPU loops, compiled with -march=native by cag.cpu_kernels, for AVX-512 or for AVX2 with
+ * FMA; without either the library reports itself unavailable and cag uses torch's operations.
+ *
+ * The loops are written once over `vf`, sixteen float32 lanes: one __m512 on AVX-512, two __m256
+ * on AVX2. Every sum keeps the same lanes and the same order on both, so the two builds give the
+ * same bits; only how many rows and columns a loop keeps in registers differs (AVX2 has half the
+ * register file), which changes no element's order.
  *
  * cag_attend: attention over a shared prefix and each row's own suffix, float32, head dim a
  * multiple of 16, last dimensions contiguous: scores dot(q, k), one softmax over the prefix's and
@@ -20,49 +25,130 @@
 #include <math.h>
 #include <stdlib.h>
 
-int cag_available(void) {
 #if defined(__AVX512F__)
+#define CAG_SIMD 1
+typedef __m512 vf;
+typedef __mmask16 vmask;
+static inline vf vf_zero(void) { return _mm512_setzero_ps(); }
+static inline vf vf_set1(float a) { return _mm512_set1_ps(a); }
+static inline vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vf_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf vf_fmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vf_fnmadd(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline vf vf_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vf vf_scale_by_pow2(vf a, vf n) { return _mm512_scalef_ps(a, n); }
+static inline float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline float vf_top(vf a) { return _mm512_reduce_max_ps(a); }
+static inline vmask vf_first(int count) { return count >= 16 ? (vmask)0xffff : (vmask)((1u << count) - 1); }
+static inline vf vf_load_first(vmask m, const float *p, float fill) { return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), m, p); }
+static inline void vf_store_first(vmask m, float *p, vf a) { _mm512_mask_storeu_ps(p, m, a); }
+static inline vf vf_keep_first(vmask m, vf a) { return _mm512_maskz_mov_ps(m, a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CAG_SIMD 1
+typedef struct { __m256 lo, hi; } vf;
+typedef struct { __m256i lo, hi; } vmask;
+#define VF_MAP(expr_lo, expr_hi) ((vf){expr_lo, expr_hi})
+static inline vf vf_zero(void) { return VF_MAP(_mm256_setzero_ps(), _mm256_setzero_ps()); }
+static inline vf vf_set1(float a) { __m256 v = _mm256_set1_ps(a); return VF_MAP(v, v); }
+static inline vf vf_load(const float *p) { return VF_MAP(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)); }
+static inline void vf_store(float *p, vf a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
+static inline vf vf_add(vf a, vf b) { return VF_MAP(_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)); }
+static inline vf vf_sub(vf a, vf b) { return VF_MAP(_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)); }
+static inline vf vf_mul(vf a, vf b) { return VF_MAP(_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)); }
+static inline vf vf_max(vf a, vf b) { return VF_MAP(_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)); }
+static inline vf vf_fmadd(vf a, vf b, vf c) { return VF_MAP(_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)); }
+static inline vf vf_fnmadd(vf a, vf b, vf c) { return VF_MAP(_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)); }
+static inline vf vf_round(vf a) {
+    const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    return VF_MAP(_mm256_round_ps(a.lo, mode), _mm256_round_ps(a.hi, mode));
+}
+/* a * 2^n for whole n in [-150, 0] and a in [0.5, 2), rounded once as AVX-512's scalef rounds it: the
+ * first factor 2^(n - n/2) keeps a normal, so only the second product rounds. */
+static inline __m256 scale_by_pow2_half(__m256 a, __m256 n) {
+    __m256i whole = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(whole, 1), rest = _mm256_sub_epi32(whole, half);
+    __m256 first = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, _mm256_set1_epi32(127)), 23));
+    __m256 second = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(a, first), second);
+}
+static inline vf vf_scale_by_pow2(vf a, vf n) { return VF_MAP(scale_by_pow2_half(a.lo, n.lo), scale_by_pow2_half(a.hi, n.hi)); }
+/* The lanes added in the tree _mm512_reduce_add_ps adds them in. */
+static inline float vf_sum(vf a) {
+    __m256 eight = _mm256_add_ps(a.hi, a.lo);
+    __m128 four = _mm_add_ps(_mm256_extractf128_ps(eight, 1), _mm256_castps256_ps128(eight));
+    __m128 two = _mm_add_ps(four, _mm_shuffle_ps(four, four, _MM_SHUFFLE(1, 0, 3, 2)));
+    return two[0] + two[1];
+}
+static inline float vf_top(vf a) {
+    __m256 eight = _mm256_max_ps(a.hi, a.lo);
+    __m128 four = _mm_max_ps(_mm256_extractf128_ps(eight, 1), _mm256_castps256_ps128(eight));
+    __m128 two = _mm_max_ps(four, _mm_shuffle_ps(four, four, _MM_SHUFFLE(1, 0, 3, 2)));
+    return two[0] > two[1] ? two[0] : two[1];
+}
+static inline vmask vf_first(int count) {
+    __m256i n = _mm256_set1_epi32(count);
+    return (vmask){_mm256_cmpgt_epi32(n, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                   _mm256_cmpgt_epi32(n, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15))};
+}
+static inline vf vf_load_first(vmask m, const float *p, float fill) {
+    __m256 f = _mm256_set1_ps(fill);
+    return VF_MAP(_mm256_blendv_ps(f, _mm256_maskload_ps(p, m.lo), _mm256_castsi256_ps(m.lo)),
+                  _mm256_blendv_ps(f, _mm256_maskload_ps(p + 8, m.hi), _mm256_castsi256_ps(m.hi)));
+}
+static inline void vf_store_first(vmask m, float *p, vf a) { _mm256_maskstore_ps(p, m.lo, a.lo); _mm256_maskstore_ps(p + 8, m.hi, a.hi); }
+static inline vf vf_keep_first(vmask m, vf a) {
+    return VF_MAP(_mm256_and_ps(a.lo, _mm256_castsi256_ps(m.lo)), _mm256_and_ps(a.hi, _mm256_castsi256_ps(m.hi)));
+}
+#endif
+
+#if defined(CAG_SIMD) && defined(__AVX512F__)
+enum { SCORE_ROWS = 4, WEIGHT_ROWS = 4, WEIGHT_CHUNKS = 4 };
+#elif defined(CAG_SIMD)
+enum { SCORE_ROWS = 4, WEIGHT_ROWS = 3, WEIGHT_CHUNKS = 2 }; /* 16 ymm registers */
+#endif
+
+int cag_available(void) {
+#if defined(CAG_SIMD)
     return 1;
 #else
     return 0;
 #endif
 }
 
-#if defined(__AVX512F__)
+#if defined(CAG_SIMD)
 /* Up to 4 query rows against keys n0..n1 of one head: each key row is loaded once for all rows. */
 static inline __attribute__((always_inline)) void scores_rows(const float *q, int D, const float *k, long k_ns,
                                                               float *out, long o_ms, int n0, int n1, const int rows) {
     for (int n = n0; n < n1; n++) {
         const float *kr = k + n * k_ns;
-        __m512 acc[4];
-        for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+        vf acc[4];
+        for (int r = 0; r < rows; r++) acc[r] = vf_zero();
         for (int c = 0; c < D; c += 16) {
-            __m512 kv = _mm512_loadu_ps(kr + c);
-            for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * D + c), kv, acc[r]);
+            vf kv = vf_load(kr + c);
+            for (int r = 0; r < rows; r++) acc[r] = vf_fmadd(vf_load(q + r * D + c), kv, acc[r]);
         }
-        for (int r = 0; r < rows; r++) out[r * o_ms + n] = _mm512_reduce_add_ps(acc[r]);
+        for (int r = 0; r < rows; r++) out[r * o_ms + n] = vf_sum(acc[r]);
     }
 }
 
-#endif
-
-#if defined(__AVX512F__)
 /* exp(x) for x <= 0 (scores less their row's maximum), -inf and below -104 giving 0: x = n ln2 + r,
- * |r| <= ln2 / 2, a degree-6 polynomial for exp(r), then 2^n by scalef. Within 2 ulp. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+ * |r| <= ln2 / 2, a degree-6 polynomial for exp(r), then 2^n. Within 2 ulp. */
+static inline vf exp_nonpositive(vf x) {
+    x = vf_max(x, vf_set1(-104.0f));
+    vf n = vf_round(vf_mul(x, vf_set1(1.44269504088896341f)));
+    vf r = vf_fnmadd(n, vf_set1(0.693359375f), x);
+    r = vf_fnmadd(n, vf_set1(-2.12194440e-4f), r);
+    vf p = vf_set1(1.9875691500e-4f);
+    p = vf_fmadd(p, r, vf_set1(1.3981999507e-3f));
+    p = vf_fmadd(p, r, vf_set1(8.3334519073e-3f));
+    p = vf_fmadd(p, r, vf_set1(4.1665795894e-2f));
+    p = vf_fmadd(p, r, vf_set1(1.6666665459e-1f));
+    p = vf_fmadd(p, r, vf_set1(5.0000001201e-1f));
+    p = vf_fmadd(p, vf_mul(r, r), vf_add(r, vf_set1(1.0f)));
+    return vf_scale_by_pow2(p, n);
 }
 
 /* One row's softmax in place over its N prefix scores and S suffix scores, masked suffix columns
@@ -73,32 +159,31 @@ static void softmax_row(float *x, int N, int S, const uint8_t *mask) {
     if (mask)
         for (int s = 0; s < S; s++)
             if (!mask[s]) x[N + s] = neg;
-    __m512 top = _mm512_set1_ps(neg);
+    vf top = vf_set1(neg);
     int n = 0;
-    for (; n + 16 <= N; n += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(x + n));
-    __mmask16 tail = (__mmask16)((1u << (N - n)) - 1);
-    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(_mm512_set1_ps(neg), tail, x + n));
-    float high = _mm512_reduce_max_ps(top);
+    for (; n + 16 <= N; n += 16) top = vf_max(top, vf_load(x + n));
+    vmask tail = vf_first(N - n);
+    top = vf_max(top, vf_load_first(tail, x + n, neg));
+    float high = vf_top(top);
     for (int s = 0; s < S; s++) high = x[N + s] > high ? x[N + s] : high;
-    __m512 shift = _mm512_set1_ps(high), lanes = _mm512_setzero_ps();
+    vf shift = vf_set1(high), lanes = vf_zero();
     for (n = 0; n + 16 <= N; n += 16) {
-        __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + n), shift));
-        _mm512_storeu_ps(x + n, e);
-        lanes = _mm512_add_ps(lanes, e);
+        vf e = exp_nonpositive(vf_sub(vf_load(x + n), shift));
+        vf_store(x + n, e);
+        lanes = vf_add(lanes, e);
     }
-    __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + n), shift)));
-    _mm512_mask_storeu_ps(x + n, tail, e);
-    float total = _mm512_reduce_add_ps(_mm512_add_ps(lanes, e));
+    vf e = vf_keep_first(tail, exp_nonpositive(vf_sub(vf_load_first(tail, x + n, 0.0f), shift)));
+    vf_store_first(tail, x + n, e);
+    float total = vf_sum(vf_add(lanes, e));
     for (int s = 0; s < S; s += 16) {
-        __mmask16 m = S - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - s)) - 1);
-        __m512 es = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + N + s), shift));
-        _mm512_mask_storeu_ps(x + N + s, m, es);
+        vmask m = vf_first(S - s);
+        vf_store_first(m, x + N + s, exp_nonpositive(vf_sub(vf_load_first(m, x + N + s, 0.0f), shift)));
     }
     for (int s = 0; s < S; s++) total += x[N + s];
-    __m512 inverse = _mm512_set1_ps(1.0f / total);
+    vf inverse = vf_set1(1.0f / total);
     for (n = 0; n < N + S; n += 16) {
-        __mmask16 m = N + S - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N + S - n)) - 1);
-        _mm512_mask_storeu_ps(x + n, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + n), inverse));
+        vmask m = vf_first(N + S - n);
+        vf_store_first(m, x + n, vf_mul(vf_load_first(m, x + n, 0.0f), inverse));
     }
 }
 
@@ -106,34 +191,34 @@ static void softmax_row(float *x, int N, int S, const uint8_t *mask) {
 static inline __attribute__((always_inline)) void weighted_rows(const float *w, long w_ms, const float *pv, long pv_ns,
                                                                 int N, const float *sv, long sv_ns, int S, float *out,
                                                                 long o_ms, const int rows, const int chunks) {
-    __m512 acc[4][4];
+    vf acc[4][4];
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < chunks; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < chunks; c++) acc[r][c] = vf_zero();
     for (int part = 0; part < 2; part++) {
         const float *v = part ? sv : pv, *wp = part ? w + N : w;
         long v_ns = part ? sv_ns : pv_ns;
         for (int n = 0, end = part ? S : N; n < end; n++) {
             const float *vr = v + n * v_ns;
-            __m512 vv[4];
-            for (int c = 0; c < chunks; c++) vv[c] = _mm512_loadu_ps(vr + 16 * c);
+            vf vv[4];
+            for (int c = 0; c < chunks; c++) vv[c] = vf_load(vr + 16 * c);
             for (int r = 0; r < rows; r++) {
-                __m512 wv = _mm512_set1_ps(wp[r * w_ms + n]);
-                for (int c = 0; c < chunks; c++) acc[r][c] = _mm512_fmadd_ps(wv, vv[c], acc[r][c]);
+                vf wv = vf_set1(wp[r * w_ms + n]);
+                for (int c = 0; c < chunks; c++) acc[r][c] = vf_fmadd(wv, vv[c], acc[r][c]);
             }
         }
     }
     for (int r = 0; r < rows; r++)
-        for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + r * o_ms + 16 * c, acc[r][c]);
+        for (int c = 0; c < chunks; c++) vf_store(out + r * o_ms + 16 * c, acc[r][c]);
 }
 
 static void scores_range(const float *q, int rows, int D, const float *k, long k_ns, int N, float *out, long o_ms) {
     const int block = 256; /* 256 keys of 64 floats: 64 KB, reread from L2 by every group of 4 rows */
     for (int n0 = 0; n0 < N; n0 += block) {
         int n1 = n0 + block < N ? n0 + block : N;
-        for (int m0 = 0; m0 < rows; m0 += 4) {
+        for (int m0 = 0; m0 < rows; m0 += SCORE_ROWS) {
             const float *qb = q + (long)m0 * D;
             float *ob = out + m0 * o_ms;
-            switch (rows - m0 < 4 ? rows - m0 : 4) {
+            switch (rows - m0 < SCORE_ROWS ? rows - m0 : SCORE_ROWS) {
             case 1: scores_rows(qb, D, k, k_ns, ob, o_ms, n0, n1, 1); break;
             case 2: scores_rows(qb, D, k, k_ns, ob, o_ms, n0, n1, 2); break;
             case 3: scores_rows(qb, D, k, k_ns, ob, o_ms, n0, n1, 3); break;
@@ -143,11 +228,13 @@ static void scores_range(const float *q, int rows, int D, const float *k, long k
     }
 }
 
+/* Each output element sums its column in one order, whatever rows and columns share a block. */
 static void weighted_range(const float *w, long w_ms, int rows, const float *pv, long pv_ns, int N, const float *sv,
                            long sv_ns, int S, int D, float *out) {
-    for (int m0 = 0; m0 < rows; m0 += 4)
-        for (int d0 = 0; d0 < D; d0 += 64) {
-            int r = rows - m0 < 4 ? rows - m0 : 4, chunks = (D - d0 < 64 ? D - d0 : 64) / 16;
+    const int columns = 16 * WEIGHT_CHUNKS;
+    for (int m0 = 0; m0 < rows; m0 += WEIGHT_ROWS)
+        for (int d0 = 0; d0 < D; d0 += columns) {
+            int r = rows - m0 < WEIGHT_ROWS ? rows - m0 : WEIGHT_ROWS, chunks = (D - d0 < columns ? D - d0 : columns) / 16;
             const float *wb = w + m0 * w_ms;
             float *ob = out + (long)m0 * D + d0;
 #define BLOCK(R, C) weighted_rows(wb, w_ms, pv + d0, pv_ns, N, sv + d0, sv_ns, S, ob, D, R, C)
@@ -175,7 +262,7 @@ int cag_attend(const float *q, int H, int R, int D, int rows_per_batch, int q_le
                int N, long pk_hs, long pk_ns, long pv_hs, long pv_ns, const float *sk, const float *sv, int S,
                long sk_bs, long sk_hs, long sk_ns, long sv_bs, long sv_hs, long sv_ns, const uint8_t *mask,
                long m_bs, long m_ts, float *out, int threads) {
-#if defined(__AVX512F__)
+#if defined(CAG_SIMD)
     const int tile = 16;
     int tiles = (rows_per_batch + tile - 1) / tile, batches = R / rows_per_batch, failed = 0;
     long width = N + S;
@@ -207,19 +294,18 @@ int cag_attend(const float *q, int H, int R, int D, int rows_per_batch, int q_le
 }
 
 void cag_rms_norm(const float *x, const float *w, float *out, long rows, int dim, float eps, int threads) {
-#if defined(__AVX512F__)
+#if defined(CAG_SIMD)
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows >= 64)
     for (long r = 0; r < rows; r++) {
         const float *xr = x + r * dim;
         float *o = out + r * dim;
-        __m512 squares = _mm512_setzero_ps();
+        vf squares = vf_zero();
         for (int c = 0; c < dim; c += 16) {
-            __m512 v = _mm512_loadu_ps(xr + c);
-            squares = _mm512_fmadd_ps(v, v, squares);
+            vf v = vf_load(xr + c);
+            squares = vf_fmadd(v, v, squares);
         }
-        __m512 scale = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / dim + eps));
-        for (int c = 0; c < dim; c += 16)
-            _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(w + c), _mm512_mul_ps(_mm512_loadu_ps(xr + c), scale)));
+        vf scale = vf_set1(1.0f / sqrtf(vf_sum(squares) / dim + eps));
+        for (int c = 0; c < dim; c += 16) vf_store(o + c, vf_mul(vf_load(w + c), vf_mul(vf_load(xr + c), scale)));
     }
 #endif
 }
@@ -243,16 +329,17 @@ void cag_rotary(const float *x, long x_bs, long x_ts, long x_hs, int B, int L, i
             }
 }
 
-#if defined(__AVX512F__)
+#if defined(CAG_SIMD)
 enum { Q4_1 = 0, Q8_0 = 1 };
 
 /* A block's 32 float32 weights, bit for bit those that de-quantizing the block once gives.
  * ggml's Q4_1: weight i is d * code_i + m, code i in the low nibble of byte i and code i + 16 in
- * the high nibble; d * code is exact in float32, so fma(d, code, m) is the weight. The block's
- * 16 possible weights are made as a table, and each code picks its own by a permute.
+ * the high nibble; d * code is exact in float32, so fma(d, code, m) is the weight. On AVX-512 the
+ * block's 16 possible weights are made as a table, and each code picks its own by a permute.
  * ggml's Q8_0: weight i is d * code_i, code an int8, exact in float32. */
 static inline __attribute__((always_inline)) void block_weights(const uint8_t *codes, const float *scales, long block,
-                                                                const int format, __m512 *low, __m512 *high) {
+                                                                const int format, vf *low, vf *high) {
+#if defined(__AVX512F__)
     if (format == Q4_1) {
         const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(scales[2 * block]), iota, _mm512_set1_ps(scales[2 * block + 1]));
@@ -265,53 +352,87 @@ static inline __attribute__((always_inline)) void block_weights(const uint8_t *c
         *low = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))));
         *high = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))));
     }
+#else
+    if (format == Q4_1) {
+        const uint8_t *c = codes + 16 * block;
+        __m256 d = _mm256_set1_ps(scales[2 * block]), m = _mm256_set1_ps(scales[2 * block + 1]);
+        __m256i first = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c));
+        __m256i second = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + 8)));
+        __m256i nibble = _mm256_set1_epi32(15);
+#define WEIGHT(codes) _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(codes), m)
+        *low = (vf){WEIGHT(_mm256_and_si256(first, nibble)), WEIGHT(_mm256_and_si256(second, nibble))};
+        *high = (vf){WEIGHT(_mm256_srli_epi32(first, 4)), WEIGHT(_mm256_srli_epi32(second, 4))};
+#undef WEIGHT
+    } else {
+        const uint8_t *c = codes + 32 * block;
+        __m256 d = _mm256_set1_ps(scales[block]);
+#define WEIGHT(at) _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + at)))))
+        *low = (vf){WEIGHT(0), WEIGHT(8)};
+        *high = (vf){WEIGHT(16), WEIGHT(24)};
+#undef WEIGHT
+    }
+#endif
 }
 
 /* R rows of x against output rows j..j+J-1: each block's weights are made once for all R rows. */
 static inline __attribute__((always_inline)) void block_rows(const float *x, long x_ms, const uint8_t *codes,
                                                              const float *scales, int nb, float *out, long o_ms,
                                                              int j, const int format, const int R, const int J) {
-    __m512 lo_acc[4][4], hi_acc[4][4];
+    vf lo_acc[4][4], hi_acc[4][4];
     for (int a = 0; a < J; a++)
-        for (int r = 0; r < R; r++) lo_acc[a][r] = hi_acc[a][r] = _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) lo_acc[a][r] = hi_acc[a][r] = vf_zero();
     for (int b = 0; b < nb; b++)
         for (int a = 0; a < J; a++) {
-            __m512 low, high;
+            vf low, high;
             block_weights(codes, scales, (long)(j + a) * nb + b, format, &low, &high);
             for (int r = 0; r < R; r++) {
-                lo_acc[a][r] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + r * x_ms + 32 * b), lo_acc[a][r]);
-                hi_acc[a][r] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + r * x_ms + 32 * b + 16), hi_acc[a][r]);
+                lo_acc[a][r] = vf_fmadd(low, vf_load(x + r * x_ms + 32 * b), lo_acc[a][r]);
+                hi_acc[a][r] = vf_fmadd(high, vf_load(x + r * x_ms + 32 * b + 16), hi_acc[a][r]);
             }
         }
     for (int a = 0; a < J; a++)
         for (int r = 0; r < R; r++)
-            out[r * o_ms + j + a] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[a][r], hi_acc[a][r]));
+            out[r * o_ms + j + a] = vf_sum(vf_add(lo_acc[a][r], hi_acc[a][r]));
+}
+
+/* Four output rows j..j+3 against up to 4 rows of x, as many of each as keep the accumulators in
+ * registers: AVX2 has 16 registers of 8 lanes, AVX-512 32 of 16. */
+static inline void block_rows_of_four(const float *x, long x_ms, const uint8_t *codes, const float *scales, int nb,
+                                      float *out, long o_ms, int j, const int format, int rows) {
+#if defined(__AVX512F__)
+    switch (rows) {
+    case 1: block_rows(x, x_ms, codes, scales, nb, out, o_ms, j, format, 1, 4); break;
+    case 2: for (int a = 0; a < 4; a += 2) block_rows(x, x_ms, codes, scales, nb, out, o_ms, j + a, format, 2, 2); break;
+    case 3: for (int a = 0; a < 4; a++) block_rows(x, x_ms, codes, scales, nb, out, o_ms, j + a, format, 3, 1); break;
+    default: for (int a = 0; a < 4; a++) block_rows(x, x_ms, codes, scales, nb, out, o_ms, j + a, format, 4, 1); break;
+    }
+#else
+    if (rows == 1) {
+        for (int a = 0; a < 4; a += 2) block_rows(x, x_ms, codes, scales, nb, out, o_ms, j + a, format, 1, 2);
+        return;
+    }
+    for (int r = 0; r < rows; r += 2)
+        for (int a = 0; a < 4; a++) {
+            if (rows - r == 1) block_rows(x + r * x_ms, x_ms, codes, scales, nb, out + r * o_ms, o_ms, j + a, format, 1, 1);
+            else block_rows(x + r * x_ms, x_ms, codes, scales, nb, out + r * o_ms, o_ms, j + a, format, 2, 1);
+        }
+#endif
 }
 #endif
 
 /* out[m, j] = dot(x[m, :], weight row j) over blocks of 32 inputs: codes [N, K / 32, 16] bytes and
  * scales [N, K / 32, 2] (d, m) for Q4_1, codes [N, K / 32, 32] int8 and scales [N, K / 32] (d) for
- * Q8_0; N a multiple of 4, K of 32. Output rows 4 at a time, with as many x rows as keep the
- * accumulators in registers. */
-#if defined(__AVX512F__)
+ * Q8_0; N a multiple of 4, K of 32. */
+#if defined(CAG_SIMD)
 #define BLOCK_LINEAR(name, format)                                                                     \
     void name(const float *x, const uint8_t *codes, const float *scales, float *out, int M, int N, int K,      \
               long x_ms, long o_ms, int threads) {                                                             \
         int nb = K / 32;                                                                                       \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                                      \
-        for (int jt = 0; jt < N / 4; jt++) {                                                                   \
-            int j = jt * 4;                                                                                    \
-            for (int m0 = 0; m0 < M; m0 += 4) {                                                                \
-                const float *xr = x + m0 * x_ms;                                                               \
-                float *o = out + m0 * o_ms;                                                                    \
-                switch (M - m0 < 4 ? M - m0 : 4) {                                                             \
-                case 1: block_rows(xr, x_ms, codes, scales, nb, o, o_ms, j, format, 1, 4); break;                         \
-                case 2: for (int a = 0; a < 4; a += 2) block_rows(xr, x_ms, codes, scales, nb, o, o_ms, j + a, format, 2, 2); break; \
-                case 3: for (int a = 0; a < 4; a++) block_rows(xr, x_ms, codes, scales, nb, o, o_ms, j + a, format, 3, 1); break; \
-                default: for (int a = 0; a < 4; a++) block_rows(xr, x_ms, codes, scales, nb, o, o_ms, j + a, format, 4, 1); break; \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
+        for (int jt = 0; jt < N / 4; jt++)                                                                     \
+            for (int m0 = 0; m0 < M; m0 += 4)                                                                  \
+                block_rows_of_four(x + m0 * x_ms, x_ms, codes, scales, nb, out + m0 * o_ms, o_ms, jt * 4,      \
+                                   format, M - m0 < 4 ? M - m0 : 4);                                           \
     }
 #else
 #define BLOCK_LINEAR(name, format)                                                                     \

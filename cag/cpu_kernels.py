@@ -18,9 +18,10 @@ Every output is summed in one order, whatever the number of rows or threads or a
 padding, so a question's result does not depend on what is batched with it.
 
 The C source is compiled once per machine (``$CC``, else ``cc``, with ``-march=native``
-and OpenMP) into ``<cag home>/kernels``, keyed by the source, the compiler and the CPU.
-A machine without a compiler or without AVX-512 uses torch's operations instead, as
-does ``CAG_CPU_KERNELS=0``.
+and OpenMP) into ``<cag home>/kernels``, keyed by the source, the compiler and the CPU,
+for AVX-512 or for AVX2 with FMA (the same sums in the same order on both). A machine
+without a compiler or without either uses torch's operations instead, as does
+``CAG_CPU_KERNELS=0``.
 """
 
 from __future__ import annotations
