@@ -69,7 +69,7 @@ def _attention_inputs(batch, rows, n, s, dim, q_len=1, seed=0):
 
 @needs_kernels
 @pytest.mark.parametrize("batch, rows, n, s, dim", [(1, 1, 1, 1, 16), (1, 3, 1000, 7, 64), (2, 9, 300, 17, 80),
-                                                     (1, 24, 513, 33, 128), (3, 51, 700, 2, 64)])
+                                                     (1, 24, 513, 33, 128), (3, 51, 700, 2, 64), (1, 5, 100, 300, 64)])
 def test_attention_matches_torch(batch, rows, n, s, dim):
     query, pk, pv, k, v = _attention_inputs(batch, rows, n, s, dim, seed=rows)
     out = cpu_kernels.attend(query, pk, pv, k, v, None, 1)
