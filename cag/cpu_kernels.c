@@ -2,9 +2,9 @@
  * FMA; without either the library reports itself unavailable and cag uses torch's operations.
  *
  * The loops are written once over `vf`, sixteen float32 lanes: one __m512 on AVX-512, two __m256
- * on AVX2. Every sum keeps the same lanes and the same order on both, so the two builds give the
- * same bits; only how many rows and columns a loop keeps in registers differs (AVX2 has half the
- * register file), which changes no element's order.
+ * on AVX2. Every sum keeps the same lanes and the same order on both; only how many rows and
+ * columns a loop keeps in registers differs (AVX2 has half the register file), which changes no
+ * element's order.
  *
  * cag_attend: attention over a shared prefix and each row's own suffix, float32, head dim a
  * multiple of 16, last dimensions contiguous: scores dot(q, k), one softmax over the prefix's and
@@ -346,6 +346,9 @@ void cag_rotary(const float *x, long x_bs, long x_ts, long x_hs, int B, int L, i
 #if defined(CAG_SIMD)
 enum { Q4_1 = 0, Q8_0 = 1, BLOCKS_AHEAD = 4 };
 
+/* A block's codes: 32 nibbles (Q4_1) or 32 int8 (Q8_0). */
+static inline long code_bytes(const int format) { return format == Q4_1 ? 16 : 32; }
+
 /* A block's 32 float32 weights, bit for bit those that de-quantizing the block once gives.
  * ggml's Q4_1: weight i is d * code_i + m, code i in the low nibble of byte i and code i + 16 in
  * the high nibble; d * code is exact in float32, so fma(d, code, m) is the weight. On AVX-512 the
@@ -357,18 +360,18 @@ static inline __attribute__((always_inline)) void block_weights(const uint8_t *c
     if (format == Q4_1) {
         const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         __m512 table = _mm512_fmadd_ps(_mm512_set1_ps(scales[2 * block]), iota, _mm512_set1_ps(scales[2 * block + 1]));
-        __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16 * block)));
+        __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + code_bytes(format) * block)));
         *low = _mm512_permutexvar_ps(c, table); /* the permute reads the low 4 bits of each index */
         *high = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
     } else {
         __m512 d = _mm512_set1_ps(scales[block]);
-        const __m128i *c = (const __m128i *)(codes + 32 * block);
+        const __m128i *c = (const __m128i *)(codes + code_bytes(format) * block);
         *low = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c))));
         *high = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c + 1))));
     }
 #else
     if (format == Q4_1) {
-        const uint8_t *c = codes + 16 * block;
+        const uint8_t *c = codes + code_bytes(format) * block;
         __m256 d = _mm256_set1_ps(scales[2 * block]), m = _mm256_set1_ps(scales[2 * block + 1]);
         __m256i first = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c));
         __m256i second = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + 8)));
@@ -378,7 +381,7 @@ static inline __attribute__((always_inline)) void block_weights(const uint8_t *c
         *high = (vf){WEIGHT(_mm256_srli_epi32(first, 4)), WEIGHT(_mm256_srli_epi32(second, 4))};
 #undef WEIGHT
     } else {
-        const uint8_t *c = codes + 32 * block;
+        const uint8_t *c = codes + code_bytes(format) * block;
         __m256 d = _mm256_set1_ps(scales[block]);
 #define WEIGHT(at) _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + at)))))
         *low = (vf){WEIGHT(0), WEIGHT(8)};
@@ -390,7 +393,7 @@ static inline __attribute__((always_inline)) void block_weights(const uint8_t *c
 
 /* R rows of x against output rows j..j+J-1 of N: each block's weights are made once for all R rows,
  * and the codes of output row j + a + BLOCKS_AHEAD are asked for meanwhile (the Q8_0 head's product
- * at one row took 4.1 ms instead of 6.4 with the hardware's prefetching alone). */
+ * at one row took about half the time it took with the hardware's prefetching alone). */
 static inline __attribute__((always_inline)) void block_rows(const float *x, long x_ms, const uint8_t *codes,
                                                              const float *scales, int nb, int N, float *out, long o_ms,
                                                              int j, const int format, const int R, const int J) {
@@ -400,7 +403,7 @@ static inline __attribute__((always_inline)) void block_rows(const float *x, lon
     for (int b = 0; b < nb; b++)
         for (int a = 0; a < J; a++) {
             if (j + a + BLOCKS_AHEAD < N)
-                __builtin_prefetch(codes + ((long)(j + a + BLOCKS_AHEAD) * nb + b) * (format == Q4_1 ? 16 : 32));
+                __builtin_prefetch(codes + ((long)(j + a + BLOCKS_AHEAD) * nb + b) * code_bytes(format));
             vf low, high;
             block_weights(codes, scales, (long)(j + a) * nb + b, format, &low, &high);
             for (int r = 0; r < R; r++) {
