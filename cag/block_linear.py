@@ -58,6 +58,12 @@ class BlockReadLinear(nn.Module):
         """The kernel's product over blocks of this layer's format."""
         return (cpu_kernels.q8_0_product if self.format == "q8_0" else cpu_kernels.q4_1_product)(codes, scales)
 
+    @property
+    def product(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The kernel's product itself, for ``[M, K]`` contiguous float32 rows, M at most
+        ``MAX_BLOCK_ROWS`` to be worth it: what ``forward`` calls after its checks."""
+        return self._product
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > MAX_BLOCK_ROWS or x.dtype != torch.float32 or torch.is_grad_enabled() and x.requires_grad:

@@ -23,6 +23,7 @@ import weakref
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_kernels
 from .block_linear import MAX_BLOCK_ROWS, BlockReadLinear, fuse_block_linears
@@ -34,28 +35,38 @@ _steps: "weakref.WeakKeyDictionary[Any, LlamaStep | None]" = weakref.WeakKeyDict
 
 
 class _Layer:
-    """One decoder layer's parts, the q|k|v and gate|up block products fused."""
+    """One decoder layer's parts, the q|k|v and gate|up block products fused. At a few rows the
+    step calls the kernels themselves, not the modules around them: a module call and its checks
+    cost about as much as a small kernel, and a step makes 300 of them."""
 
     def __init__(self, layer: Any) -> None:
         attention, mlp = layer.self_attn, layer.mlp
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
-        self.gate_proj, self.up_proj, self.down_proj, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.qkv: Callable = fuse_block_linears([self.q_proj, self.k_proj, self.v_proj])
         self.gate_up: Callable = fuse_block_linears([self.gate_proj, self.up_proj])
+        self.qkv_sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        self.gate_up_sizes = [self.gate_proj.out_features, self.up_proj.out_features]
         self.scaling = attention.scaling
 
     def projections(self, x: torch.Tensor, few: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not few:  # a prefill's rows: each layer's own product, through BLAS as the layer does it
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.qkv(x).split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=1)
+        return self.qkv(x).split(self.qkv_sizes, dim=1)
+
+    def output(self, x: torch.Tensor, few: bool) -> torch.Tensor:
+        return self.o_proj.product(x.contiguous()) if few else self.o_proj(x)
 
     def mlp(self, x: torch.Tensor, few: bool) -> torch.Tensor:
-        if few:
-            gate, up = self.gate_up(x).split([self.gate_proj.out_features, self.up_proj.out_features], dim=1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+        if not few:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x).split(self.gate_up_sizes, dim=1)
+        return self.down_proj.product(F.silu(gate) * up)
+
+
+def _normed(norm: CompiledRMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 class LlamaStep:
@@ -79,14 +90,14 @@ class LlamaStep:
         x = x.view(batch * tokens, -1)
         visible = None if mask is None else mask[:, 0]
         for index, layer in enumerate(self.layers):
-            q, k, v = layer.projections(layer.input_norm(x), few)
+            q, k, v = layer.projections(_normed(layer.input_norm, x), few)
             query = cpu_kernels.rotary(q.view(batch, tokens, self.heads, dim), cos, sin, layer.scaling, group)
             key = cpu_kernels.rotary(k.view(batch, tokens, self.kv_heads, dim), cos, sin)
             suffix = cache.layers[index]
             keys, values = suffix.update(key, v.view(batch, tokens, self.kv_heads, dim).transpose(1, 2))
             out = cpu_kernels.attend(query, suffix.prefix_keys[0], suffix.prefix_values[0], keys, values, visible, tokens)
-            x = x + layer.o_proj(cpu_kernels.rows_to_tokens(out, batch, tokens).reshape(batch * tokens, -1))
-            x = x + layer.mlp(layer.post_norm(x), few)
+            x = x + layer.output(cpu_kernels.rows_to_tokens(out, batch, tokens).reshape(batch * tokens, -1), few)
+            x = x + layer.mlp(_normed(layer.post_norm, x), few)
         last = x.view(batch, tokens, -1)[:, -1]
         return self.model.get_output_embeddings()(self.model.model.norm(last)).float()
 
