@@ -452,22 +452,32 @@ static inline void block_rows_of_four(const float *x, long x_ms, const uint8_t *
 
 /* out[m, j] = dot(x[m, :], weight row j) over blocks of 32 inputs: codes [N, K / 32, 16] bytes and
  * scales [N, K / 32, 2] (d, m) for Q4_1, codes [N, K / 32, 32] int8 and scales [N, K / 32] (d) for
- * Q8_0; N a multiple of 4, K of 32. */
+ * Q8_0; N a multiple of 4, K of 32. With `norm` (a weight [K]; x's rows contiguous), each row of x is
+ * RMS-normalised first, exactly as cag_rms_norm does: a decode step's norm and product in one call.
+ * Returns 0, or -1 when the normalised rows could not be held. */
 #if defined(CAG_SIMD)
 #define BLOCK_LINEAR(name, format)                                                                     \
-    void name(const float *x, const uint8_t *codes, const float *scales, float *out, int M, int N, int K,      \
-              long x_ms, long o_ms, int threads) {                                                             \
+    int name(const float *x, const uint8_t *codes, const float *scales, float *out, int M, int N, int K,       \
+             long x_ms, long o_ms, const float *norm, float eps, int threads) {                               \
         int nb = K / 32;                                                                                       \
+        float *normed = 0;                                                                                     \
+        if (norm) {                                                                                            \
+            if (x_ms != K || !(normed = (float *)malloc(sizeof(float) * M * K))) return -1;                    \
+            cag_rms_norm(x, norm, normed, M, K, eps, 1);                                                       \
+            x = normed;                                                                                        \
+        }                                                                                                      \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                                      \
         for (int jt = 0; jt < N / 4; jt++)                                                                     \
             for (int m0 = 0; m0 < M; m0 += 4)                                                                  \
                 block_rows_of_four(x + m0 * x_ms, x_ms, codes, scales, nb, N, out + m0 * o_ms, o_ms, jt * 4,      \
                                    format, M - m0 < 4 ? M - m0 : 4);                                           \
+        free(normed);                                                                                          \
+        return 0;                                                                                              \
     }
 #else
 #define BLOCK_LINEAR(name, format)                                                                     \
-    void name(const float *x, const uint8_t *codes, const float *scales, float *out, int M, int N, int K,      \
-              long x_ms, long o_ms, int threads) {}
+    int name(const float *x, const uint8_t *codes, const float *scales, float *out, int M, int N, int K,       \
+             long x_ms, long o_ms, const float *norm, float eps, int threads) { return -1; }
 #endif
 
 BLOCK_LINEAR(cag_q4_1_linear, Q4_1)

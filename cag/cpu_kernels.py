@@ -153,12 +153,16 @@ def _product(kernel, codes: torch.Tensor, scales: torch.Tensor) -> Callable[[tor
     _check(codes.is_contiguous() and scales.is_contiguous() and scales.dtype == torch.float32 and outputs % 4 == 0)
     codes_at, scales_at = codes.data_ptr(), scales.data_ptr()
 
-    def product(x: torch.Tensor) -> torch.Tensor:
+    def product(x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+        """``x @ weight.T``; with ``norm`` (an RMSNorm's weight ``[K]``, float32), of ``x``'s rows
+        normalised first as ``rms_norm(x, norm, eps)`` would: the two in one call."""
         rows = x.shape[0]
         _check(x.shape[1] == inputs and x.is_contiguous() and x.dtype == torch.float32)
+        _check(norm is None or norm.shape == (inputs,) and norm.is_contiguous() and norm.dtype == torch.float32)
         out = torch.empty(rows, outputs)
-        kernel(x.data_ptr(), codes_at, scales_at, out.data_ptr(), rows, outputs, inputs, inputs, outputs,
-               torch.get_num_threads())
+        if kernel(x.data_ptr(), codes_at, scales_at, out.data_ptr(), rows, outputs, inputs, inputs, outputs,
+                  None if norm is None else norm.data_ptr(), eps, torch.get_num_threads()):
+            raise MemoryError("no memory for the normalised rows")
         return out
 
     product.weights = (codes, scales)  # alive as long as the function: the kernel reads their memory
@@ -191,8 +195,11 @@ def _library() -> ctypes.CDLL | None:
     lib.cag_rotary.argtypes = [pointer, long, long, long] + [integer] * 4 + [pointer, pointer, long, ctypes.c_float,
                                                                        integer, pointer]
     lib.cag_rms_norm.argtypes = [pointer] * 3 + [long, integer, ctypes.c_float, integer]
-    lib.cag_q4_1_linear.argtypes = lib.cag_q8_0_linear.argtypes = [pointer] * 4 + [integer] * 3 + [long] * 2 + [integer]
-    for name in ("cag_rotary", "cag_rms_norm", "cag_q4_1_linear", "cag_q8_0_linear"):
+    lib.cag_q4_1_linear.argtypes = lib.cag_q8_0_linear.argtypes = (
+        [pointer] * 4 + [integer] * 3 + [long] * 2 + [pointer, ctypes.c_float, integer]
+    )
+    lib.cag_q4_1_linear.restype = lib.cag_q8_0_linear.restype = integer
+    for name in ("cag_rotary", "cag_rms_norm"):
         getattr(lib, name).restype = None
     return lib
 

@@ -51,22 +51,22 @@ class _Layer:
         self.scaling = attention.scaling
 
     def projections(self, x: torch.Tensor, few: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v of the layer's input, normalised here."""
         if not few:  # a prefill's rows: each layer's own product, through BLAS as the layer does it
+            x = self.input_norm(x)
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.qkv(x).split(self.qkv_sizes, dim=1)
+        return self.qkv(x, self.input_norm.weight, self.input_norm.variance_epsilon).split(self.qkv_sizes, dim=1)
 
     def output(self, x: torch.Tensor, few: bool) -> torch.Tensor:
         return self.o_proj.product(x.contiguous()) if few else self.o_proj(x)
 
     def mlp(self, x: torch.Tensor, few: bool) -> torch.Tensor:
+        """The MLP of the attention's residual, normalised here."""
         if not few:
+            x = self.post_norm(x)
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up(x).split(self.gate_up_sizes, dim=1)
+        gate, up = self.gate_up(x, self.post_norm.weight, self.post_norm.variance_epsilon).split(self.gate_up_sizes, dim=1)
         return self.down_proj.product(F.silu(gate) * up)
-
-
-def _normed(norm: CompiledRMSNorm, x: torch.Tensor) -> torch.Tensor:
-    return cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
 
 
 class LlamaStep:
@@ -90,14 +90,14 @@ class LlamaStep:
         x = x.view(batch * tokens, -1)
         visible = None if mask is None else mask[:, 0]
         for index, layer in enumerate(self.layers):
-            q, k, v = layer.projections(_normed(layer.input_norm, x), few)
+            q, k, v = layer.projections(x, few)
             query = cpu_kernels.rotary(q.view(batch, tokens, self.heads, dim), cos, sin, layer.scaling, group)
             key = cpu_kernels.rotary(k.view(batch, tokens, self.kv_heads, dim), cos, sin)
             suffix = cache.layers[index]
             keys, values = suffix.update(key, v.view(batch, tokens, self.kv_heads, dim).transpose(1, 2))
             out = cpu_kernels.attend(query, suffix.prefix_keys[0], suffix.prefix_values[0], keys, values, visible, tokens)
             x = x + layer.output(cpu_kernels.rows_to_tokens(out, batch, tokens).reshape(batch * tokens, -1), few)
-            x = x + layer.mlp(_normed(layer.post_norm, x), few)
+            x = x + layer.mlp(x, few)
         last = x.view(batch, tokens, -1)[:, -1]
         return self.model.get_output_embeddings()(self.model.model.norm(last)).float()
 

@@ -52,6 +52,10 @@ def test_the_blocks_give_the_float32_product_and_each_row_its_own_sum(tiny_with_
             assert torch.equal(layer(x[:rows]), together[:rows])
         many = torch.randn(MAX_BLOCK_ROWS + 1, layer.in_features)
         assert torch.equal(layer(many), F.linear(many, layer.weight))  # a prefill: BLAS, as before
+        # A norm and the product in one call: the rows normalised exactly as the norm kernel does.
+        norm = torch.randn(layer.in_features)
+        for rows in (1, 3):
+            assert torch.equal(layer.product(x[:rows], norm, 1e-5), layer.product(cpu_kernels.rms_norm(x[:rows], norm, 1e-5)))
 
 
 def test_a_restored_cache_answers_as_a_full_prefill(tiny_with_gguf, home, docs):
