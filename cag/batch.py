@@ -85,15 +85,21 @@ class _SuffixLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
+        key_buffer, value_buffer, start = self.open_columns(key_states.shape[-2])
+        key_buffer[:, :, start : self.length] = key_states
+        value_buffer[:, :, start : self.length] = value_states
+        return self.keys, self.values
+
+    def open_columns(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for ``tokens`` more columns of an initialised layer, counted in at once: the key and
+        value buffers and the first new column, for the caller to fill (a compiled step writes them
+        in place)."""
+        end = self.length + tokens
         if end > self._key_buffer.shape[-2]:
             self._grow(end)
-        self._key_buffer[:, :, self.length : end] = key_states
-        self._value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys = self._key_buffer[:, :, :end]
-        self.values = self._value_buffer[:, :, :end]
-        return self.keys, self.values
+        start, self.length = self.length, end
+        self._publish()
+        return self._key_buffer, self._value_buffer, start
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self._key_buffer.shape[-2])

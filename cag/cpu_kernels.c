@@ -333,23 +333,52 @@ void cag_rms_norm(const float *x, const float *w, float *out, long rows, int dim
 #endif
 }
 
+/* One head's row of one token, rotated as transformers' apply_rotary_pos_emb and scaled. */
+static inline void rotate_row(const float *xr, const float *c, const float *s, int D, float scale, float *o) {
+    int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        o[i] = (xr[i] * c[i] - xr[i + half] * s[i]) * scale;
+        o[i + half] = (xr[i + half] * c[i + half] + xr[i] * s[i + half]) * scale;
+    }
+}
+
 /* x [B, L, heads, D] (strides x_bs, x_ts, x_hs), cos and sin [B, L, D] (stride cs_rs per token). Token t of batch b, head h, is written to row ((h / group) * B + b) * group * L + (h % group)
  * * L + t of out [.., D]: with group = heads, out is [B, heads, L, D], as the cache takes keys; with
  * group = the query heads per key/value head, it is the attention's [kv heads, B x group x L, D]. */
 void cag_rotary(const float *x, long x_bs, long x_ts, long x_hs, int B, int L, int heads, int D, const float *cos,
                 const float *sin, long cs_rs, float scale, int group, float *out) {
-    int half = D / 2;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < L; t++)
             for (int h = 0; h < heads; h++) {
                 long token = (long)b * L + t;
-                const float *xr = x + b * x_bs + t * x_ts + h * x_hs, *c = cos + token * cs_rs, *s = sin + token * cs_rs;
-                float *o = out + ((((long)(h / group) * B + b) * group + h % group) * L + t) * D;
-                for (int i = 0; i < half; i++) {
-                    o[i] = (xr[i] * c[i] - xr[i + half] * s[i]) * scale;
-                    o[i + half] = (xr[i + half] * c[i + half] + xr[i] * s[i + half]) * scale;
-                }
+                rotate_row(x + b * x_bs + t * x_ts + h * x_hs, cos + token * cs_rs, sin + token * cs_rs, D, scale,
+                           out + ((((long)(h / group) * B + b) * group + h % group) * L + t) * D);
             }
+}
+
+/* A decode step's attention in one call: qkv [B * L, (heads + 2 kv_heads) * D] as the fused q|k|v
+ * product gives it, cos and sin [B, L, D]. The queries are rotated and scaled into `query`
+ * ([kv_heads, B x group x L, D], as cag_rotary lays them out), the keys rotated and the values
+ * copied into columns at..at+L-1 of the suffix buffers ([B, kv_heads, capacity, D], strides buf_bs,
+ * buf_hs), and cag_attend reads the prefix and the suffix's first at + L columns; mask as there. */
+int cag_rotary_attend(const float *qkv, int B, int L, int heads, int kv_heads, int D, const float *cos,
+                      const float *sin, float scale, float *key_buffer, float *value_buffer, long buf_bs, long buf_hs,
+                      int at, const float *pk, const float *pv, int N, long pk_hs, long pk_ns, long pv_hs, long pv_ns,
+                      const uint8_t *mask, long m_bs, long m_ts, float *query, float *out, int threads) {
+    long row = (long)(heads + 2 * kv_heads) * D;
+    int group = heads / kv_heads;
+    cag_rotary(qkv, L * row, row, D, B, L, heads, D, cos, sin, D, scale, group, query);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < L; t++)
+            for (int h = 0; h < kv_heads; h++) {
+                long token = (long)b * L + t, column = b * buf_bs + h * buf_hs + (long)(at + t) * D;
+                const float *k = qkv + token * row + (heads + h) * D, *v = k + (long)kv_heads * D;
+                rotate_row(k, cos + token * D, sin + token * D, D, 1.0f, key_buffer + column);
+                for (int i = 0; i < D; i++) value_buffer[column + i] = v[i];
+            }
+    return cag_attend(query, kv_heads, B * group * L, D, group * L, L, pk, pv, N, pk_hs, pk_ns, pv_hs, pv_ns,
+                      key_buffer, value_buffer, at + L, buf_bs, buf_hs, D, buf_bs, buf_hs, D, mask, m_bs, m_ts, out,
+                      threads);
 }
 
 #if defined(CAG_SIMD)

@@ -42,7 +42,7 @@ import torch
 
 from .home import cag_home
 
-__all__ = ["attend", "available", "q4_1_product", "q8_0_product", "rms_norm", "rotary", "rows_to_tokens", "usable"]
+__all__ = ["attend", "available", "q4_1_product", "q8_0_product", "rms_norm", "rotary", "rotary_attend", "rows_to_tokens", "usable"]
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
@@ -90,6 +90,43 @@ def attend(query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.
         keys.data_ptr(), values.data_ptr(), suffix, *keys.stride()[:3], *values.stride()[:3],
         None if mask is None else mask.data_ptr(), *(mask.stride()[:2] if mask is not None else (0, 0)),
         out.data_ptr(), torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError("no memory for the attention's scores")
+    return out
+
+
+def rotary_attend(qkv: torch.Tensor, batch: int, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                  scale: float, key_buffer: torch.Tensor, value_buffer: torch.Tensor, start: int,
+                  prefix_keys: torch.Tensor, prefix_values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A step's ``rotary`` of q and k, the new keys and values written into their cache columns
+    and ``attend``, in one call, each part bit for bit as alone.
+
+    ``qkv`` ``[B * L, (heads + 2 * kv_heads) * D]`` (contiguous; the fused q|k|v product's rows),
+    ``cos``/``sin`` ``[B, L, D]``, the suffix's buffers ``[B, kv_heads, capacity, D]`` whose columns
+    ``start`` to ``start + L`` receive the keys and values, the attention then reading columns up to
+    there; prefix keys/values ``[kv_heads, N, D]``, ``mask`` as ``attend``'s. Returns ``[kv_heads, R, D]``.
+    """
+    tokens, dim = cos.shape[1], cos.shape[2]
+    n, end = prefix_keys.shape[1], start + cos.shape[1]
+    _check(
+        qkv.is_contiguous() and qkv.shape == (batch * tokens, (heads + 2 * kv_heads) * dim) and heads % kv_heads == 0
+        and cos.shape == sin.shape == (batch, tokens, dim) and cos.is_contiguous() and sin.is_contiguous()
+        and key_buffer.shape == value_buffer.shape and key_buffer.shape[:2] == (batch, kv_heads)
+        and key_buffer.shape[3] == dim and end <= key_buffer.shape[2]
+        and key_buffer.stride()[2:] == value_buffer.stride()[2:] == (dim, 1) and key_buffer.stride() == value_buffer.stride()
+        and prefix_keys.shape == prefix_values.shape == (kv_heads, n, dim)
+        and prefix_keys.stride(-1) == prefix_values.stride(-1) == 1
+        and (mask is None or (mask.shape == (batch, tokens, end) and mask.dtype == torch.bool and mask.stride(-1) == 1))
+    )
+    rows = batch * tokens * (heads // kv_heads)
+    query, out = torch.empty(kv_heads, rows, dim), torch.empty(kv_heads, rows, dim)
+    failed = _library().cag_rotary_attend(
+        qkv.data_ptr(), batch, tokens, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(), scale,
+        key_buffer.data_ptr(), value_buffer.data_ptr(), *key_buffer.stride()[:2], start,
+        prefix_keys.data_ptr(), prefix_values.data_ptr(), n, *prefix_keys.stride()[:2], *prefix_values.stride()[:2],
+        None if mask is None else mask.data_ptr(), *(mask.stride()[:2] if mask is not None else (0, 0)),
+        query.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )
     if failed:
         raise MemoryError("no memory for the attention's scores")
@@ -192,6 +229,11 @@ def _library() -> ctypes.CDLL | None:
         + [pointer, pointer, integer] + [long] * 6 + [pointer, long, long, pointer, integer]
     )
     lib.cag_attend.restype = integer
+    lib.cag_rotary_attend.argtypes = (
+        [pointer] + [integer] * 5 + [pointer, pointer, ctypes.c_float, pointer, pointer, long, long, integer,
+                                     pointer, pointer, integer] + [long] * 4 + [pointer, long, long, pointer, pointer, integer]
+    )
+    lib.cag_rotary_attend.restype = integer
     lib.cag_rotary.argtypes = [pointer, long, long, long] + [integer] * 4 + [pointer, pointer, long, ctypes.c_float,
                                                                        integer, pointer]
     lib.cag_rms_norm.argtypes = [pointer] * 3 + [long, integer, ctypes.c_float, integer]

@@ -55,7 +55,11 @@ class _Layer:
         if not few:  # a prefill's rows: each layer's own product, through BLAS as the layer does it
             x = self.input_norm(x)
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.qkv(x, self.input_norm.weight, self.input_norm.variance_epsilon).split(self.qkv_sizes, dim=1)
+        return self.normed_qkv(x).split(self.qkv_sizes, dim=1)
+
+    def normed_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q|k|v side by side, of a few rows normalised in the same call."""
+        return self.qkv(x, self.input_norm.weight, self.input_norm.variance_epsilon)
 
     def output(self, x: torch.Tensor, few: bool) -> torch.Tensor:
         return self.o_proj.product(x.contiguous()) if few else self.o_proj(x)
@@ -90,12 +94,18 @@ class LlamaStep:
         x = x.view(batch * tokens, -1)
         visible = None if mask is None else mask[:, 0]
         for index, layer in enumerate(self.layers):
-            q, k, v = layer.projections(x, few)
-            query = cpu_kernels.rotary(q.view(batch, tokens, self.heads, dim), cos, sin, layer.scaling, group)
-            key = cpu_kernels.rotary(k.view(batch, tokens, self.kv_heads, dim), cos, sin)
             suffix = cache.layers[index]
-            keys, values = suffix.update(key, v.view(batch, tokens, self.kv_heads, dim).transpose(1, 2))
-            out = cpu_kernels.attend(query, suffix.prefix_keys[0], suffix.prefix_values[0], keys, values, visible, tokens)
+            if few and suffix.is_initialized:
+                qkv = layer.normed_qkv(x)
+                key_buffer, value_buffer, start = suffix.open_columns(tokens)
+                out = cpu_kernels.rotary_attend(qkv, batch, self.heads, self.kv_heads, cos, sin, layer.scaling, key_buffer,
+                                                value_buffer, start, suffix.prefix_keys[0], suffix.prefix_values[0], visible)
+            else:
+                q, k, v = layer.projections(x, few)
+                query = cpu_kernels.rotary(q.view(batch, tokens, self.heads, dim), cos, sin, layer.scaling, group)
+                key = cpu_kernels.rotary(k.view(batch, tokens, self.kv_heads, dim), cos, sin)
+                keys, values = suffix.update(key, v.view(batch, tokens, self.kv_heads, dim).transpose(1, 2))
+                out = cpu_kernels.attend(query, suffix.prefix_keys[0], suffix.prefix_values[0], keys, values, visible, tokens)
             x = x + layer.output(cpu_kernels.rows_to_tokens(out, batch, tokens).reshape(batch * tokens, -1), few)
             x = x + layer.mlp(x, few)
         last = x.view(batch, tokens, -1)[:, -1]

@@ -43,8 +43,12 @@ def test_the_step_gives_the_models_own_logits_bit_for_bit(with_blocks, monkeypat
     calls = []
     original = llama_step.LlamaStep.__call__
     monkeypatch.setattr(llama_step.LlamaStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    fused = []
+    rotary_attend = cpu_kernels.rotary_attend
+    monkeypatch.setattr(cpu_kernels, "rotary_attend", lambda *a: fused.append(1) or rotary_attend(*a))
     fast = _decode(with_blocks, steps=4)
     assert len(calls) == 7  # the prompts' prefill and every decode step (with padding, then one row alone)
+    assert len(fused) == 6 * with_blocks.model.config.num_hidden_layers  # each decode step's attention in one call
     monkeypatch.setattr(batch_module, "llama_step", lambda model: None)
     slow = _decode(with_blocks, steps=4)
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
