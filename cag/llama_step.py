@@ -5,9 +5,11 @@ step runs about 1,500 torch operations and 400 module calls, 15-18 ms of a 40 ms
 this project's machine, against about 24 ms in the compiled loops themselves. This step
 calls the same loops in the same order (the block products, the RMSNorms, the rotary
 embedding and the shared-prefix attention) with nothing between them but views, and
-fuses what shares an input: q|k|v and gate|up are one product each. Every output row of a
-block product is summed alone, so fusing changes no bit, and the rotary loop rounds as
-torch does: the logits are bit for bit those of the model's own forward.
+fuses what shares an input: q|k|v and gate|up are one product each, each normalising its
+rows first, and a decode step's rotary embedding, cache write and attention are one call
+(``cpu_kernels.rotary_attend``). Every output row of a block product is summed alone, so
+fusing changes no bit, and the rotary loop rounds as torch does: the logits are bit for bit
+those of the model's own forward.
 
 A question's prefill over the context takes the same step with more tokens a row: its
 products go through BLAS, as the layers' own do for more than ``MAX_BLOCK_ROWS`` rows.
