@@ -48,20 +48,14 @@ class _Layer:
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.qkv: Callable = fuse_block_linears([self.q_proj, self.k_proj, self.v_proj])
         self.gate_up: Callable = fuse_block_linears([self.gate_proj, self.up_proj])
-        self.qkv_sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
         self.gate_up_sizes = [self.gate_proj.out_features, self.up_proj.out_features]
         self.scaling = attention.scaling
 
-    def projections(self, x: torch.Tensor, few: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k and v of the layer's input, normalised here."""
-        if not few:  # a prefill's rows: each layer's own product, through BLAS as the layer does it
-            x = self.input_norm(x)
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.normed_qkv(x).split(self.qkv_sizes, dim=1)
-
-    def normed_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """q|k|v side by side, of a few rows normalised in the same call."""
-        return self.qkv(x, self.input_norm.weight, self.input_norm.variance_epsilon)
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A prefill's q, k and v of the layer's input, normalised here: each layer's own product,
+        through BLAS as the layer does it."""
+        x = self.input_norm(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def output(self, x: torch.Tensor, few: bool) -> torch.Tensor:
         return self.o_proj.product(x.contiguous()) if few else self.o_proj(x)
@@ -97,13 +91,16 @@ class LlamaStep:
         visible = None if mask is None else mask[:, 0]
         for index, layer in enumerate(self.layers):
             suffix = cache.layers[index]
-            if few and suffix.is_initialized:
-                qkv = layer.normed_qkv(x)
+            if few:
+                qkv = layer.qkv(x, layer.input_norm.weight, layer.input_norm.variance_epsilon)
+                if not suffix.is_initialized:  # the buffers' shape, from a template with no columns
+                    template = x.new_empty(batch, self.kv_heads, 0, dim)
+                    suffix.lazy_initialization(template, template)
                 key_buffer, value_buffer, start = suffix.open_columns(tokens)
                 out = cpu_kernels.rotary_attend(qkv, batch, self.heads, self.kv_heads, cos, sin, layer.scaling, key_buffer,
                                                 value_buffer, start, suffix.prefix_keys[0], suffix.prefix_values[0], visible)
             else:
-                q, k, v = layer.projections(x, few)
+                q, k, v = layer.projections(x)
                 query = cpu_kernels.rotary(q.view(batch, tokens, self.heads, dim), cos, sin, layer.scaling, group)
                 key = cpu_kernels.rotary(k.view(batch, tokens, self.kv_heads, dim), cos, sin)
                 keys, values = suffix.update(key, v.view(batch, tokens, self.kv_heads, dim).transpose(1, 2))

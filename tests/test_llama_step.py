@@ -54,6 +54,23 @@ def test_the_step_gives_the_models_own_logits_bit_for_bit(with_blocks, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
 
 
+def test_a_short_prompts_prefill_goes_through_the_one_call_attention_bit_for_bit(with_blocks, monkeypatch):
+    def run() -> list[torch.Tensor]:
+        rows = SharedPrefixBatch(with_blocks, prefill(with_blocks, CONTEXT).cache, 2, capacity=4)
+        logits = [rows.prefill([[7, 8, 9], [4, 5]], chunk_size=64)]  # 2 x 3 rows, padded: a few, on fresh buffers
+        for _ in range(3):
+            logits.append(rows.step(torch.argmax(logits[-1], dim=-1)))
+        return logits
+
+    fused = []
+    rotary_attend = cpu_kernels.rotary_attend
+    monkeypatch.setattr(cpu_kernels, "rotary_attend", lambda *a: fused.append(1) or rotary_attend(*a))
+    fast = run()
+    assert len(fused) == 4 * with_blocks.model.config.num_hidden_layers
+    monkeypatch.setattr(batch_module, "llama_step", lambda model: None)
+    assert all(torch.equal(a, b) for a, b in zip(fast, run()))
+
+
 def test_the_step_covers_only_models_it_was_checked_for(tiny, with_blocks):
     assert llama_step.llama_step(tiny.model) is None  # float32 linears, no blocks
     with_blocks.model.model.layers[0].mlp.up_proj = torch.nn.Linear(64, 128, bias=False)
