@@ -106,6 +106,10 @@ static inline vf vf_keep_first(vmask m, vf a) {
 static inline vf vf_held(vf a) { __asm__("" : "+x"(a.lo), "+x"(a.hi)); return a; }
 #endif
 
+/* vf_held(a): a, kept in registers. GCC otherwise folds a loaded vector into every multiply that
+ * reads it, loading it again each time; where one value row meets several weight rows, the loads,
+ * not the multiplies, bound the loop. */
+
 /* fresh_loads(p): on AVX2 the compiler forgets where p points, so loads through it are made where
  * they are used (folded into the multiply) instead of once for several weight rows and held: the
  * held rows of x pushed a one-row product's accumulators onto the stack. AVX-512 has the registers. */
@@ -114,10 +118,6 @@ static inline vf vf_held(vf a) { __asm__("" : "+x"(a.lo), "+x"(a.hi)); return a;
 #else
 #define fresh_loads(p) __asm__("" : "+r"(p))
 #endif
-
-/* vf_held(a): a, kept in registers. GCC otherwise folds a loaded vector into every multiply that
- * reads it, loading it again each time; where one value row meets several weight rows, the loads,
- * not the multiplies, bound the loop. */
 
 #if defined(CAG_SIMD) && defined(__AVX512F__)
 enum { SCORE_ROWS = 4, WEIGHT_ROWS = 4, WEIGHT_CHUNKS = 4, WEIGHT_SPAN = 128, SCORE_AHEAD = 16 };
